@@ -1,0 +1,46 @@
+"""dcgen_quant: DC-Gen post-training, SVDQuant 4-bit quantization and 4-bit kernels for
+text-to-image diffusion transformers (FLUX, SANA).
+
+Public API (stable; see DESIGN.md): ``QuantConfig``, ``quantize_linear``, ``quantize_model``,
+``save_quantized``, ``load_quantized``, ``SVDQLinear``, ``W4A16Linear``, ``set_backend``,
+``get_backend`` and the ``adapt`` functions (``surgery``, ``align``, ``align_head``,
+``finetune_lora``, ``merge``). Names are imported on first use, so ``import dcgen_quant`` is
+cheap and the ops are registered as soon as any of them is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "QuantConfig": "dcgen_quant.quantize.config",
+    "quantize_linear": "dcgen_quant.quantize",
+    "quantize_model": "dcgen_quant.quantize",
+    "save_quantized": "dcgen_quant.checkpoint",
+    "load_quantized": "dcgen_quant.checkpoint",
+    "SVDQLinear": "dcgen_quant.nn",
+    "W4A16Linear": "dcgen_quant.nn",
+    "set_backend": "dcgen_quant.ops",
+    "get_backend": "dcgen_quant.ops",
+    "surgery": "dcgen_quant.adapt",
+    "align": "dcgen_quant.adapt",
+    "align_head": "dcgen_quant.adapt",
+    "finetune_lora": "dcgen_quant.adapt",
+    "merge": "dcgen_quant.adapt",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dcgen_quant' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

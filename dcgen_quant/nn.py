@@ -1,0 +1,204 @@
+"""Runtime modules: the layers a quantized model is made of.
+
+* :class:`SVDQLinear`: W4A4 with a 16-bit low-rank branch (SVDQuant); forward = one
+  ``quantize_act`` + one ``gemm_w4a4``.
+* :class:`W4A16Linear`: 4-bit weights, 16-bit activations (AdaLayerNorm linears).
+* :class:`Conv1x1Adapter`: runs either on NCHW tensors, for 1x1 convolutions (SANA's GLUMBConv).
+
+Buffers carry the canonical checkpoint layout (docs/FORMAT.md); their names are the checkpoint
+keys. ``module.to(dtype)`` leaves packed codes, FP8 block scales and the FP32 tensor scale in
+their own dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .formats import QuantizedWeight, dequantize_weight, get_format
+
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16, torch.float32)
+_BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class _QuantizedWeightMixin(nn.Module):
+    """Shared weight storage of the 4-bit layers: qweight, wscales, wtscale, bias."""
+
+    in_features: int
+    out_features: int
+    fmt: str
+
+    def _init_weight_buffers(self, in_features, out_features, fmt, bias, dtype, device):
+        spec = get_format(fmt)
+        if in_features % spec.group_size:
+            raise ValueError(
+                f"in_features={in_features} must be a multiple of the {fmt} group size "
+                f"{spec.group_size}"
+            )
+        if dtype not in _SIXTEEN_BIT:
+            raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        groups = in_features // spec.group_size
+        kw = {"device": device}
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw)
+        )
+        self.register_buffer(
+            "wscales", torch.zeros(groups, out_features, dtype=spec.scale_dtype(dtype), **kw)
+        )
+        wtscale = torch.ones((), dtype=torch.float32, **kw) if spec.has_tensor_scale else None
+        self.register_buffer("wtscale", wtscale)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+
+    @property
+    def group_size(self) -> int:
+        return get_format(self.fmt).group_size
+
+    def _pinned_buffers(self) -> list[str]:
+        """Buffers whose dtype is part of the format: never cast by ``module.to(dtype)``."""
+        names = ["wtscale"] if self.wtscale is not None else []
+        if self.wscales.dtype == torch.float8_e4m3fn:
+            names.append("wscales")
+        return names
+
+    def _apply(self, fn, recurse=True):
+        # Hide the pinned floating-point buffers behind integer views of the same width, so that
+        # a dtype cast skips them while a device move still applies.
+        pinned = {name: self._buffers[name].dtype for name in self._pinned_buffers()}
+        for name, dtype in pinned.items():
+            self._buffers[name] = self._buffers[name].view(_BITS_VIEW[dtype.itemsize])
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name, dtype in pinned.items():
+                self._buffers[name] = self._buffers[name].view(dtype)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.wscales, self.wtscale, self.fmt)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The 4-bit weight as float32 [N, K] (residual only for SVDQLinear; for inspection)."""
+        return dequantize_weight(self.quantized_weight())
+
+    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input has {x.shape[-1]} features, "
+                f"expected {self.in_features}"
+            )
+        return x.reshape(-1, self.in_features)
+
+
+class SVDQLinear(_QuantizedWeightMixin):
+    """W4A4 linear layer with a 16-bit low-rank branch: ``y ~= x W^T + b``.
+
+    In detail, with ``x_s = x / smooth_factor``:
+    ``y = Q(x_s) R_q^T + (x @ proj_down) @ proj_up^T + bias``, where ``R_q`` is the 4-bit residual
+    (``qweight``/``wscales``/``wtscale``) of the smoothed weight ``W * smooth_factor``, and
+    ``proj_down`` already contains the division by ``smooth_factor``.
+
+    Buffers
+    -------
+    qweight : [N, K/2] uint8          wscales : [K/G, N] dtype (INT4) / float8_e4m3fn (NVFP4)
+    wtscale : [] float32 (NVFP4)      smooth_factor : [K] dtype
+    proj_down : [K, r] dtype          proj_up : [N, r] dtype
+    bias : [N] dtype, optional
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 32,
+        fmt: str = "int4",
+        bias: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self._init_weight_buffers(in_features, out_features, fmt, bias, dtype, device)
+        self.rank = rank
+        self.register_buffer("smooth_factor", torch.ones(in_features, dtype=dtype, device=device))
+        self.register_buffer(
+            "proj_down", torch.zeros(in_features, rank, dtype=dtype, device=device)
+        )
+        self.register_buffer("proj_up", torch.zeros(out_features, rank, dtype=dtype, device=device))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.smooth_factor.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> y [..., N] (in x's dtype; computed in the layer's dtype)."""
+        flat = self._flatten(x).to(self.dtype)
+        q, scales, lora_act = ops.quantize_act(flat, self.smooth_factor, self.proj_down, self.fmt)
+        y = ops.gemm_w4a4(
+            q, scales, self.qweight, self.wscales, lora_act, self.proj_up, self.bias,
+            self.wtscale, self.fmt, self.dtype,
+        )  # fmt: skip
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"fmt={self.fmt}, bias={self.bias is not None}, dtype={self.dtype}"
+        )
+
+
+class W4A16Linear(_QuantizedWeightMixin):
+    """4-bit weights, 16-bit activations: ``y = x dequant(W)^T + b``.
+
+    Buffers: qweight [N, K/2] uint8, wscales [K/G, N], wtscale [] float32 (NVFP4), bias [N].
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: str = "int4",
+        bias: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self._init_weight_buffers(in_features, out_features, fmt, bias, dtype, device)
+        # The layer's compute dtype (NVFP4 layers without bias have no other 16-bit tensor).
+        self.register_buffer(
+            "_dtype_marker", torch.empty(0, dtype=dtype, device=device), persistent=False
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype_marker.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> y [..., N] (in x's dtype; computed in the layer's dtype)."""
+        flat = self._flatten(x).to(self.dtype)
+        y = ops.gemm_w4a16(flat, self.qweight, self.wscales, self.bias, self.wtscale, self.fmt)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+            f"bias={self.bias is not None}, dtype={self.dtype}"
+        )
+
+
+class Conv1x1Adapter(nn.Module):
+    """Runs a linear-like module on NCHW tensors, standing in for a 1x1 ``nn.Conv2d``.
+
+    A 1x1 convolution with stride 1, no padding and groups=1 is a linear map over channels:
+    ``[B, C, H, W] -> [B, H, W, C] -> linear -> [B, N, H, W]``.
+    """
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] -> [B, N, H, W]."""
+        y = self.linear(x.permute(0, 2, 3, 1))
+        return y.permute(0, 3, 1, 2)

@@ -1,0 +1,82 @@
+"""QuantConfig: every knob of the SVDQuant quantizer, with the reference defaults.
+
+Defaults follow DeepCompressor's SVDQuant settings (REFERENCE.md section 2): rank 32, smoothing
+with an (alpha, beta) grid search, iterative low-rank refinement, optional GPTQ on the residual.
+``QuantConfig(format=..., rank=0, smooth=False)`` is plain round-to-nearest W4A4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..formats import get_format
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class QuantConfig:
+    """Settings of :func:`dcgen_quant.quantize_model` / :func:`dcgen_quant.quantize_linear`."""
+
+    format: str = "int4"
+    """"int4" (group 64, 16-bit scales) or "nvfp4" (group 16, E4M3 scales + FP32 tensor scale)."""
+    rank: int = 32
+    """Rank of the 16-bit low-rank branch; 0 disables it."""
+    smooth: bool = True
+    """Per-channel smoothing with a per-layer (alpha, beta) grid search."""
+    gptq: bool = False
+    """GPTQ on the 4-bit residual instead of round-to-nearest."""
+    smooth_grid: int = 20
+    """Grid points per exponent in [0, 1] for the (alpha, beta) search."""
+    lowrank_iters: int = 8
+    """Maximum refinement iterations of the low-rank branch (stops early when error rises)."""
+    svd: str = "randomized"
+    """"randomized" (fast truncated SVD) or "full" (torch.linalg.svd), for comparison."""
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    dtype: torch.dtype = torch.bfloat16
+    """Compute / storage dtype of the quantized layers (scales, low-rank factors, bias)."""
+    calib_tokens: int = 4096
+    """Calibration tokens kept per layer (uniformly subsampled across samples and timesteps)."""
+    skip: tuple[str, ...] = field(default_factory=tuple)
+    """Extra module-name patterns (fnmatch) to keep in 16 bits, on top of the family's list."""
+    weight_only_adanorm: bool = True
+    """AdaLayerNorm modulation linears: 4-bit weights, 16-bit activations (W4A16Linear)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_format(self.format)  # raises ValueError naming the choices
+        if isinstance(self.dtype, str):
+            self.dtype = _DTYPES.get(self.dtype.replace("torch.", ""), self.dtype)
+        if self.dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0, got {self.rank}")
+        if self.svd not in ("randomized", "full"):
+            raise ValueError(f"svd must be 'randomized' or 'full', got {self.svd!r}")
+        if self.smooth_grid < 1:
+            raise ValueError(f"smooth_grid must be >= 1, got {self.smooth_grid}")
+        if self.calib_tokens < 1:
+            raise ValueError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
+        self.skip = tuple(self.skip)
+
+    @property
+    def group_size(self) -> int:
+        return get_format(self.format).group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (checkpoint metadata)."""
+        d = dataclasses.asdict(self)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        d["skip"] = list(self.skip)
+        d["group_size"] = self.group_size
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,32 @@
+"""Shared fixtures and capability-based skip markers (from dcgen_quant.capabilities)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dcgen_quant import capabilities
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons = {
+        "gpu": capabilities.cuda_unavailable(),
+        "nvcc": capabilities.nvcc_unavailable(),
+    }
+    for item in items:
+        for marker, reason in reasons.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def seed():
+    """Seeds torch's global generator; returns a fresh torch.Generator with the same seed."""
+    torch.manual_seed(1234)
+    return torch.Generator().manual_seed(1234)
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker gets one core's worth of intra-op threads.
+    if hasattr(config, "workerinput"):
+        torch.set_num_threads(1)
