@@ -3,10 +3,12 @@
 * :class:`SVDQLinear`: W4A4 with a 16-bit low-rank branch (SVDQuant); forward = one
   ``quantize_act`` + one ``gemm_w4a4``.
 * :class:`W4A16Linear`: 4-bit weights, 16-bit activations (AdaLayerNorm linears).
-* :class:`Conv1x1Adapter`: runs either on NCHW tensors, for 1x1 convolutions (SANA's GLUMBConv).
+* :class:`SVDQConv1x1`, :class:`W4A16Conv1x1`: the same on NCHW tensors, standing in for 1x1
+  convolutions (SANA's GLUMBConv).
 
-Buffers carry the canonical checkpoint layout (docs/FORMAT.md); their names are the checkpoint
-keys. ``module.to(dtype)`` leaves packed codes, FP8 block scales and the FP32 tensor scale in
+Buffer names are the checkpoint keys (docs/FORMAT.md). ``state_dict()`` always holds the canonical
+nibble layout; :meth:`set_layout` re-lays ``qweight`` in memory for a kernel (once, at load
+time). ``module.to(dtype)`` leaves packed codes, FP8 block scales and the FP32 tensor scale in
 their own dtypes.
 """
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from . import ops
 from .formats import QuantizedWeight, dequantize_weight, get_format
+from .formats.layouts import CANONICAL, from_layout, get_layout, to_layout
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16, torch.float32)
 _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -39,6 +42,7 @@ class _QuantizedWeightMixin(nn.Module):
         if dtype not in _SIXTEEN_BIT:
             raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.layout = CANONICAL
         groups = in_features // spec.group_size
         kw = {"device": device}
         self.register_buffer(
@@ -74,8 +78,29 @@ class _QuantizedWeightMixin(nn.Module):
             for name, dtype in pinned.items():
                 self._buffers[name] = self._buffers[name].view(dtype)
 
+    def set_layout(self, layout: str) -> None:
+        """Re-lay ``qweight`` in memory for a kernel's nibble order (formats/layouts.py)."""
+        get_layout(layout)
+        if layout != self.layout:
+            canonical = from_layout(self.qweight, self.layout, self.fmt)
+            self.qweight = to_layout(canonical, layout, self.fmt).contiguous()
+            self.layout = layout
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != CANONICAL:
+            destination[prefix + "qweight"] = from_layout(self.qweight, self.layout, self.fmt)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # incoming tensors are canonical; re-lay them after loading, never mutating the input
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.layout != CANONICAL and prefix + "qweight" in state_dict:
+            self.qweight = to_layout(self.qweight, self.layout, self.fmt).contiguous()
+
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.wscales, self.wtscale, self.fmt)
+        """The weight in the canonical layout."""
+        qweight = from_layout(self.qweight, self.layout, self.fmt)
+        return QuantizedWeight(qweight, self.wscales, self.wtscale, self.fmt)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The 4-bit weight as float32 [N, K] (residual only for SVDQLinear; for inspection)."""
@@ -134,10 +159,12 @@ class SVDQLinear(_QuantizedWeightMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> y [..., N] (in x's dtype; computed in the layer's dtype)."""
         flat = self._flatten(x).to(self.dtype)
-        q, scales, lora_act = ops.quantize_act(flat, self.smooth_factor, self.proj_down, self.fmt)
+        q, scales, lora_act = ops.quantize_act(
+            flat, self.smooth_factor, self.proj_down, self.fmt, self.layout
+        )
         y = ops.gemm_w4a4(
             q, scales, self.qweight, self.wscales, lora_act, self.proj_up, self.bias,
-            self.wtscale, self.fmt, self.dtype,
+            self.wtscale, self.fmt, self.dtype, self.layout,
         )  # fmt: skip
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -177,7 +204,9 @@ class W4A16Linear(_QuantizedWeightMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> y [..., N] (in x's dtype; computed in the layer's dtype)."""
         flat = self._flatten(x).to(self.dtype)
-        y = ops.gemm_w4a16(flat, self.qweight, self.wscales, self.bias, self.wtscale, self.fmt)
+        y = ops.gemm_w4a16(
+            flat, self.qweight, self.wscales, self.bias, self.wtscale, self.fmt, self.layout
+        )
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -187,18 +216,25 @@ class W4A16Linear(_QuantizedWeightMixin):
         )
 
 
-class Conv1x1Adapter(nn.Module):
-    """Runs a linear-like module on NCHW tensors, standing in for a 1x1 ``nn.Conv2d``.
+class _Conv1x1Mixin:
+    """Runs the layer on NCHW tensors, standing in for a 1x1 ``nn.Conv2d``.
 
     A 1x1 convolution with stride 1, no padding and groups=1 is a linear map over channels:
     ``[B, C, H, W] -> [B, H, W, C] -> linear -> [B, N, H, W]``.
     """
 
-    def __init__(self, linear: nn.Module):
-        super().__init__()
-        self.linear = linear
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] -> [B, N, H, W]."""
-        y = self.linear(x.permute(0, 2, 3, 1))
-        return y.permute(0, 3, 1, 2)
+        if x.dim() != 4:
+            raise ValueError(
+                f"{type(self).__name__}: expected NCHW input, got shape {tuple(x.shape)}"
+            )
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SVDQConv1x1(_Conv1x1Mixin, SVDQLinear):
+    """:class:`SVDQLinear` applied to NCHW tensors (replaces a 1x1 ``nn.Conv2d``)."""
+
+
+class W4A16Conv1x1(_Conv1x1Mixin, W4A16Linear):
+    """:class:`W4A16Linear` applied to NCHW tensors (replaces a 1x1 ``nn.Conv2d``)."""

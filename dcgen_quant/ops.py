@@ -15,12 +15,17 @@ that cannot serve a particular call (format, dtype, GPU) raises :class:`BackendU
 
 Shapes (M tokens, K input features, N output features, r rank, G group size of ``fmt``)::
 
-    quantize_act(x[M,K], smooth[K]?, lora_down[K,r]?, fmt)
+    quantize_act(x[M,K], smooth[K]?, lora_down[K,r]?, fmt, layout)
         -> q[M,K/2] uint8, scales[M,K/G], lora_act[M,r] float32
     gemm_w4a4(q[M,K/2], scales[M,K/G], qweight[N,K/2], wscales[K/G,N], lora_act[M,r]?,
-              proj_up[N,r]?, bias[N]?, wtscale[]?, fmt, out_dtype) -> y[M,N]
-    gemm_w4a16(x[M,K], qweight[N,K/2], wscales[K/G,N], bias[N]?, wtscale[]?, fmt) -> y[M,N]
+              proj_up[N,r]?, bias[N]?, wtscale[]?, fmt, out_dtype, layout) -> y[M,N]
+    gemm_w4a16(x[M,K], qweight[N,K/2], wscales[K/G,N], bias[N]?, wtscale[]?, fmt, layout)
+        -> y[M,N]
     attention(q[B,H,S,D], k[B,H,S,D], v[B,H,S,D], scale?) -> o[B,H,S,D]
+
+``layout`` (default ``"canonical"``) names the nibble order of the packed tensors q and qweight
+(:mod:`dcgen_quant.formats.layouts`); the reference accepts every registered layout, a kernel
+backend raises BackendUnsupported for layouts it does not read.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from .formats import (
 )
 from .formats import packing as _packing
 from .formats.int4 import dequantize_int4
+from .formats.layouts import CANONICAL, from_layout, get_layout, to_layout
 from .formats.nvfp4 import dequantize_nvfp4
 
 __all__ = [
@@ -166,8 +172,9 @@ def _expect_dtype(t: Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> Non
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of {allowed}")
 
 
-def _check_quantize_act(x: Tensor, smooth, lora_down, fmt: str) -> int:
+def _check_quantize_act(x: Tensor, smooth, lora_down, fmt: str, layout: str) -> int:
     group = get_format(fmt).group_size
+    get_layout(layout)
     _expect(x.dim() == 2, f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     _expect_dtype(x, "x", _ACT_DTYPES)
     k = x.shape[1]
@@ -184,8 +191,11 @@ def _check_quantize_act(x: Tensor, smooth, lora_down, fmt: str) -> int:
     return 0 if lora_down is None else lora_down.shape[1]
 
 
-def _check_gemm_w4a4(q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype):
+def _check_gemm_w4a4(
+    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout
+):
     group = get_format(fmt).group_size
+    get_layout(layout)
     _expect(
         q.dim() == 2 and q.dtype == torch.uint8,
         f"q must be uint8 [M, K/2], got {q.dtype} {tuple(q.shape)}",
@@ -232,8 +242,9 @@ def _check_gemm_w4a4(q, scales, qweight, wscales, lora_act, proj_up, bias, wtsca
     return m, n, k
 
 
-def _check_gemm_w4a16(x, qweight, wscales, bias, wtscale, fmt):
+def _check_gemm_w4a16(x, qweight, wscales, bias, wtscale, fmt, layout):
     group = get_format(fmt).group_size
+    get_layout(layout)
     _expect(x.dim() == 2, f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     _expect_dtype(x, "x", _ACT_DTYPES)
     m, k = x.shape
@@ -278,7 +289,7 @@ def _check_attention(q, k, v):
 # reference implementations (pure torch; float32 arithmetic)
 
 
-def quantize_act_reference(x, smooth, lora_down, fmt):
+def quantize_act_reference(x, smooth, lora_down, fmt, layout=CANONICAL):
     """Reference of ``quantize_act``: smoothing division, per-token per-group quantization
     (the bit-exact contract of dcgen_quant.formats, in float32), and ``lora_act = x @ lora_down``
     on the *unsmoothed* x (checkpoints fold the smoothing into ``proj_down``)."""
@@ -289,7 +300,7 @@ def quantize_act_reference(x, smooth, lora_down, fmt):
         codes, scales = quantize_int4(xs, spec.group_size, x.dtype, check_finite=False)
     else:
         codes, scales, _ = quantize_nvfp4(xs, spec.group_size, False, check_finite=False)
-    q = _packing.pack_nibbles(codes)
+    q = to_layout(_packing.pack_nibbles(codes), layout, fmt)
     if lora_down is None:
         lora_act = xf.new_zeros(x.shape[0], 0)
     else:
@@ -306,12 +317,12 @@ def _dequantize_weight_no_tensor_scale(qweight, wscales, fmt):
 
 
 def gemm_w4a4_reference(
-    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype
+    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout=CANONICAL
 ):
     """Reference of ``gemm_w4a4``: exact dequantization of both operands to float32, one float32
     matmul, the NVFP4 tensor scale on the product, then low-rank branch, bias and cast."""
-    a = dequantize_activation(q, scales, fmt)
-    w = _dequantize_weight_no_tensor_scale(qweight, wscales, fmt)
+    a = dequantize_activation(from_layout(q, layout, fmt), scales, fmt)
+    w = _dequantize_weight_no_tensor_scale(from_layout(qweight, layout, fmt), wscales, fmt)
     y = a @ w.t()
     if wtscale is not None:
         y = y * wtscale.float()
@@ -322,9 +333,9 @@ def gemm_w4a4_reference(
     return y.to(out_dtype)
 
 
-def gemm_w4a16_reference(x, qweight, wscales, bias, wtscale, fmt):
+def gemm_w4a16_reference(x, qweight, wscales, bias, wtscale, fmt, layout=CANONICAL):
     """Reference of ``gemm_w4a16``: float32 matmul of x with the exactly dequantized weight."""
-    w = _dequantize_weight_no_tensor_scale(qweight, wscales, fmt)
+    w = _dequantize_weight_no_tensor_scale(from_layout(qweight, layout, fmt), wscales, fmt)
     y = x.float() @ w.t()
     if wtscale is not None:
         y = y * wtscale.float()
@@ -356,7 +367,11 @@ _REFERENCE = {
 
 @torch.library.custom_op("dcgen_quant::quantize_act", mutates_args=())
 def quantize_act(
-    x: Tensor, smooth: Tensor | None, lora_down: Tensor | None, fmt: str
+    x: Tensor,
+    smooth: Tensor | None,
+    lora_down: Tensor | None,
+    fmt: str,
+    layout: str = CANONICAL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Smooth, quantize to 4 bits per token and group, and project onto the low-rank branch.
 
@@ -366,19 +381,20 @@ def quantize_act(
     smooth : Tensor [K], optional; x is divided by it before quantization
     lora_down : Tensor [K, r], optional; applied to the unsmoothed x
     fmt : "int4" | "nvfp4"
+    layout : nibble order of q (formats/layouts.py)
 
     Returns
     -------
     q : Tensor [M, K/2] uint8; scales : Tensor [M, K/G] (x.dtype for INT4, float8_e4m3fn for
     NVFP4); lora_act : Tensor [M, r] float32 ([M, 0] without lora_down)
     """
-    _check_quantize_act(x, smooth, lora_down, fmt)
-    return _dispatch("quantize_act", x.device, x, smooth, lora_down, fmt)
+    _check_quantize_act(x, smooth, lora_down, fmt, layout)
+    return _dispatch("quantize_act", x.device, x, smooth, lora_down, fmt, layout)
 
 
 @quantize_act.register_fake
-def _(x, smooth, lora_down, fmt):
-    r = _check_quantize_act(x, smooth, lora_down, fmt)
+def _(x, smooth, lora_down, fmt, layout=CANONICAL):
+    r = _check_quantize_act(x, smooth, lora_down, fmt, layout)
     spec = get_format(fmt)
     m, k = x.shape
     scale_dtype = torch.float8_e4m3fn if spec.name == "nvfp4" else x.dtype
@@ -401,6 +417,7 @@ def gemm_w4a4(
     wtscale: Tensor | None,
     fmt: str,
     out_dtype: torch.dtype,
+    layout: str = CANONICAL,
 ) -> Tensor:
     """4-bit activations times 4-bit weights with the low-rank branch, bias and cast fused.
 
@@ -413,32 +430,23 @@ def gemm_w4a4(
     lora_act : Tensor [M, r] float32, optional; proj_up : Tensor [N, r], optional
     bias : Tensor [N], optional; wtscale : Tensor [] float32 (NVFP4 only)
     fmt : "int4" | "nvfp4"; out_dtype : dtype of y
+    layout : nibble order of q and qweight (formats/layouts.py)
 
     Returns
     -------
     y : Tensor [M, N], ``out_dtype``
     """
-    _check_gemm_w4a4(q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype)
-    return _dispatch(
-        "gemm_w4a4",
-        q.device,
-        q,
-        scales,
-        qweight,
-        wscales,
-        lora_act,
-        proj_up,
-        bias,
-        wtscale,
-        fmt,
-        out_dtype,
-    )
+    args = (q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout)
+    _check_gemm_w4a4(*args)
+    return _dispatch("gemm_w4a4", q.device, *args)
 
 
 @gemm_w4a4.register_fake
-def _(q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype):
+def _(
+    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout=CANONICAL
+):
     m, n, _ = _check_gemm_w4a4(
-        q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype
+        q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout
     )
     return q.new_empty((m, n), dtype=out_dtype)
 
@@ -451,6 +459,7 @@ def gemm_w4a16(
     bias: Tensor | None,
     wtscale: Tensor | None,
     fmt: str,
+    layout: str = CANONICAL,
 ) -> Tensor:
     """16-bit activations times 4-bit weights (weight-only layers such as AdaLayerNorm linears).
 
@@ -460,18 +469,19 @@ def gemm_w4a16(
     qweight : Tensor [N, K/2] uint8; wscales : Tensor [K/G, N]
     bias : Tensor [N], optional; wtscale : Tensor [] float32 (NVFP4 only)
     fmt : "int4" | "nvfp4"
+    layout : nibble order of qweight (formats/layouts.py)
 
     Returns
     -------
     y : Tensor [M, N], x.dtype
     """
-    _check_gemm_w4a16(x, qweight, wscales, bias, wtscale, fmt)
-    return _dispatch("gemm_w4a16", x.device, x, qweight, wscales, bias, wtscale, fmt)
+    _check_gemm_w4a16(x, qweight, wscales, bias, wtscale, fmt, layout)
+    return _dispatch("gemm_w4a16", x.device, x, qweight, wscales, bias, wtscale, fmt, layout)
 
 
 @gemm_w4a16.register_fake
-def _(x, qweight, wscales, bias, wtscale, fmt):
-    m, n, _ = _check_gemm_w4a16(x, qweight, wscales, bias, wtscale, fmt)
+def _(x, qweight, wscales, bias, wtscale, fmt, layout=CANONICAL):
+    m, n, _ = _check_gemm_w4a16(x, qweight, wscales, bias, wtscale, fmt, layout)
     return x.new_empty((m, n))
 
 

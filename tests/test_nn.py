@@ -6,7 +6,7 @@ from torch import nn
 
 from dcgen_quant import ops
 from dcgen_quant.formats import quantize_weight
-from dcgen_quant.nn import Conv1x1Adapter, SVDQLinear, W4A16Linear
+from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, W4A16Linear
 
 
 def random_svdq(k, n, r, fmt, dtype=torch.bfloat16, seed=0):
@@ -86,13 +86,30 @@ def test_w4a16_matches_dequantized_linear(fmt):
     torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().t())
 
 
-def test_conv1x1_adapter_matches_conv():
-    conv = nn.Conv2d(64, 32, 1)
-    lin = nn.Linear(64, 32)
-    lin.weight.data.copy_(conv.weight.data[:, :, 0, 0])
-    lin.bias.data.copy_(conv.bias.data)
+def test_conv1x1_matches_linear_over_channels():
+    lin = random_svdq(64, 32, 4, "int4", dtype=torch.float32)
+    conv = SVDQConv1x1(64, 32, rank=4, dtype=torch.float32)
+    conv.load_state_dict(lin.state_dict())
     x = torch.randn(2, 64, 3, 5)
-    torch.testing.assert_close(Conv1x1Adapter(lin)(x), conv(x))
+    expected = lin(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert torch.equal(conv(x), expected)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_layout_is_in_memory_only(fmt):
+    layer = random_svdq(128, 24, 4, fmt)
+    x = torch.randn(5, 128).to(torch.bfloat16)
+    canonical_state = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x)
+    layer.set_layout("split_halves")
+    assert not torch.equal(layer.qweight, canonical_state["qweight"])
+    assert torch.equal(layer(x), y)  # the reference reads any layout
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v.float(), canonical_state[k].float()), k
+    other = SVDQLinear(128, 24, rank=4, fmt=fmt)
+    other.set_layout("split_halves")
+    other.load_state_dict(canonical_state)
+    assert torch.equal(other.qweight, layer.qweight)
 
 
 @pytest.mark.slow
