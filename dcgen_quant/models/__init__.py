@@ -1,0 +1,1 @@
+"""Per-family knowledge of diffusion transformers (FLUX, SANA) and tiny test models."""
