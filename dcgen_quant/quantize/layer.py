@@ -87,7 +87,7 @@ def check_group_size(spec: LinearSpec, fmt: str) -> str | None:
 def check_finite(t: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{what} contains {bad} NaN/Inf value(s); quantization needs finite input")
+        raise ValueError(f"{what}: found {bad} NaN/Inf value(s); quantization needs finite input")
 
 
 def tokens_of(x: torch.Tensor, in_features: int, conv: bool, name: str) -> torch.Tensor:
@@ -236,7 +236,7 @@ def quantize_group(
     """
     start = time.perf_counter()
     k = specs[0].in_features
-    label = specs[0].name if len(specs) == 1 else "group " + "+".join(s.name for s in specs)
+    label = f"layer {specs[0].name}" if len(specs) == 1 else "group " + "+".join(s.name for s in specs)
     for spec in specs:
         if spec.in_features != k:
             raise ValueError(f"{label}: members have different in_features")
@@ -353,6 +353,7 @@ def quantize_linear(
     name: str = "linear",
     report: QuantReport | None = None,
     weight_only: bool = False,
+    baselines: bool = True,
 ) -> nn.Module:
     """SVDQuant one ``nn.Linear`` (or 1x1 ``nn.Conv2d``) with calibration inputs ``x``.
 
@@ -365,6 +366,8 @@ def quantize_linear(
     name : the layer's name in errors and the report
     report : if given, the layer's :class:`LayerReport` is appended to it
     weight_only : W4A16 (4-bit weights, 16-bit activations) instead of W4A4
+    baselines : also measure naive W4A4 and smoothing-only errors for the report (about doubles
+        the time of a W4A4 layer); False leaves those fields None
 
     Returns
     -------
@@ -376,7 +379,7 @@ def quantize_linear(
     if weight_only:
         module, entry = quantize_weight_only(specs[0], tokens, config)
     else:
-        ((module, entry),) = quantize_group(specs, tokens, config)
+        ((module, entry),) = quantize_group(specs, tokens, config, baselines=baselines)
     if report is not None:
         report.add(entry)
     return module
@@ -389,17 +392,19 @@ def quantize_linears(
     *,
     names: Sequence[str] | None = None,
     report: QuantReport | None = None,
+    baselines: bool = True,
 ) -> list[nn.Module]:
     """SVDQuant linears that read the same input ``x`` as one fused group.
 
     They share ``smooth_factor`` and ``proj_down`` (smoothing and SVD of the stacked weight);
     each gets its rows of ``proj_up`` and its own 4-bit residual. Parameters as
-    :func:`quantize_linear`; ``names`` default to ``linear0, linear1, ...``.
+    :func:`quantize_linear` (``x`` is the members' common input); ``names`` default to
+    ``linear0, linear1, ...``.
     """
     if not linears:
         raise ValueError("linears must not be empty")
     config, specs, tokens = _prepare(list(linears), names, x, config)
-    results = quantize_group(specs, tokens, config)
+    results = quantize_group(specs, tokens, config, baselines=baselines)
     if report is not None:
         for _, entry in results:
             report.add(entry)

@@ -13,7 +13,7 @@ import torch
 
 OVERSAMPLE = 16
 """Extra columns of the random sketch beyond the rank (accuracy of the top-r subspace)."""
-POWER_ITERS = 2
+POWER_ITERS = 4
 """Power iterations of the range finder (sharpen a slowly decaying spectrum)."""
 
 
