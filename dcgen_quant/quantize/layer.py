@@ -236,7 +236,9 @@ def quantize_group(
     """
     start = time.perf_counter()
     k = specs[0].in_features
-    label = f"layer {specs[0].name}" if len(specs) == 1 else "group " + "+".join(s.name for s in specs)
+    label = (
+        f"layer {specs[0].name}" if len(specs) == 1 else "group " + "+".join(s.name for s in specs)
+    )
     for spec in specs:
         if spec.in_features != k:
             raise ValueError(f"{label}: members have different in_features")
