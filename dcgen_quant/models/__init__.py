@@ -9,7 +9,7 @@ pipelines in code.
 """
 
 from .base import ModelFamily, family_for, supported_classes
-from .calib import capture_pipeline_calibration, synthetic_calibration
+from .calibration import capture_pipeline_calibration, synthetic_calibration
 
 __all__ = [
     "ModelFamily",

@@ -277,8 +277,8 @@ def quantize_group(
             name=spec.name, kind="w4a4", module=type(module).__name__,
             out_features=spec.out_features, in_features=k, bias=spec.bias is not None,
             rank=rank, group=group, alpha=result.alpha, beta=result.beta,
-            lowrank_iters=result.svd_count, gptq=used_gptq, err_naive=e_naive,
-            err_smooth=e_smooth, err_svdquant=relative_error(module, spec, x),
+            lowrank_iters=result.svd_count, gptq=used_gptq, err_rtn=e_naive,
+            err_smooth=e_smooth, err_svdq=relative_error(module, spec, x),
             calib_tokens=x.shape[0], seconds=seconds,
         )  # fmt: skip
         out.append((module, report))
@@ -324,7 +324,7 @@ def quantize_weight_only(
     report = LayerReport(
         name=spec.name, kind="w4a16", module=type(module).__name__,
         out_features=spec.out_features, in_features=spec.in_features, bias=bias, gptq=used_gptq,
-        err_naive=err_rtn, err_svdquant=err, calib_tokens=x.shape[0],
+        err_rtn=err_rtn, err_svdq=err, calib_tokens=x.shape[0],
         seconds=time.perf_counter() - start,
     )  # fmt: skip
     return module, report

@@ -4,10 +4,14 @@ Errors are relative output errors ``||y_q - y|| / ||y||`` of the layer on its ca
 ``y`` being the original layer's output (bias included) computed in float32 and ``y_q`` the
 quantized layer's output through the reference ops, i.e. exactly what the runtime computes:
 
-``err_naive``     plain W4A4 round-to-nearest (rank 0, no smoothing); for W4A16 layers the
-                  round-to-nearest 4-bit weight;
-``err_smooth``    smoothing only (rank 0, (alpha, beta) searched); None for W4A16 layers;
-``err_svdquant``  the layer as quantized with the run's QuantConfig (what the model now holds).
+``err_rtn``      naive W4A4: round-to-nearest, rank 0, no smoothing; for W4A16 layers the
+                round-to-nearest 4-bit weight;
+``err_smooth``   smoothing only (rank 0, (alpha, beta) searched); None for W4A16 layers;
+``err_svdq``     the layer as quantized with the run's QuantConfig (what the model now holds).
+
+``summary()`` keys: ``layers_quantized``, ``w4a4``, ``w4a16``, ``layers_skipped``,
+``mean_rel_err`` / ``max_rel_err`` (of ``err_svdq`` over the quantized layers),
+``max_rel_err_layer``, ``mean_rel_err_rtn``, ``total_seconds``.
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ class LayerReport:
     """SVDs computed for the chosen (alpha, beta): 1 + refinement steps that were kept or tried."""
     gptq: bool = False
     """GPTQ chose the residual's codes (False: round-to-nearest was kept)."""
-    err_naive: float | None = None
+    err_rtn: float | None = None
     err_smooth: float | None = None
-    err_svdquant: float | None = None
+    err_svdq: float | None = None
     calib_tokens: int = 0
     seconds: float = 0.0
     """Wall time of this layer (a fused group's time is split evenly between its members)."""
@@ -104,21 +108,21 @@ class QuantReport:
         """Totals: layer counts, mean / max relative error (full SVDQuant), total seconds."""
         quantized = self.quantized()
         errs = [
-            (layer.err_svdquant, layer.name)
+            (layer.err_svdq, layer.name)
             for layer in quantized
-            if layer.err_svdquant is not None and math.isfinite(layer.err_svdquant)
+            if layer.err_svdq is not None and math.isfinite(layer.err_svdq)
         ]
-        naive = [layer.err_naive for layer in quantized if layer.err_naive is not None]
+        naive = [layer.err_rtn for layer in quantized if layer.err_rtn is not None]
         worst = max(errs) if errs else (None, None)
         return {
             "layers_quantized": len(quantized),
             "w4a4": sum(layer.kind == "w4a4" for layer in quantized),
             "w4a16": sum(layer.kind == "w4a16" for layer in quantized),
-            "skipped": len(self.skipped()),
-            "mean_rel_error": sum(e for e, _ in errs) / len(errs) if errs else None,
-            "max_rel_error": worst[0],
-            "max_rel_error_layer": worst[1],
-            "mean_rel_error_naive": sum(naive) / len(naive) if naive else None,
+            "layers_skipped": len(self.skipped()),
+            "mean_rel_err": sum(e for e, _ in errs) / len(errs) if errs else None,
+            "max_rel_err": worst[0],
+            "max_rel_err_layer": worst[1],
+            "mean_rel_err_rtn": sum(naive) / len(naive) if naive else None,
             "total_seconds": sum(layer.seconds for layer in self.layers),
         }
 
@@ -149,9 +153,9 @@ class QuantReport:
                 "shape": f"{layer.out_features}x{layer.in_features}",
                 "alpha": layer.alpha,
                 "beta": layer.beta,
-                "err_naive": layer.err_naive,
+                "err_rtn": layer.err_rtn,
                 "err_smooth": layer.err_smooth,
-                "err_svdquant": layer.err_svdquant,
+                "err_svdq": layer.err_svdq,
                 "seconds": layer.seconds,
                 "reason": layer.reason,
             }

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dcgen_quant.models import capture_pipeline_calibration, synthetic_calibration
-from dcgen_quant.models.calib import flow_matching_sigmas
+from dcgen_quant.models.calibration import flow_matching_sigmas
 from dcgen_quant.models.tiny import tiny_flux, tiny_sana
 from dcgen_quant.quantize import QuantConfig, quantize_model
 

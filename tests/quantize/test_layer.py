@@ -37,9 +37,9 @@ def test_svdquant_beats_naive_and_smoothing_on_outlier_inputs(fmt):
     assert e_svdq < e_smooth < e_naive
     # the report measures the same three variants on the calibration inputs
     entry = report["linear"]
-    assert entry.err_svdquant <= 0.5 * entry.err_naive
-    assert entry.err_svdquant < entry.err_smooth <= entry.err_naive
-    assert entry.err_naive == pytest.approx(rel_error(naive, lin, calib), rel=1e-6)
+    assert entry.err_svdq <= 0.5 * entry.err_rtn
+    assert entry.err_svdq < entry.err_smooth <= entry.err_rtn
+    assert entry.err_rtn == pytest.approx(rel_error(naive, lin, calib), rel=1e-6)
     assert entry.alpha is not None and entry.rank == 32 and entry.seconds > 0
 
 
@@ -97,7 +97,7 @@ def test_fused_group_shares_smoothing_and_down_projection():
     for m, lin, name in zip(out, members, names):
         entry = report[name]
         assert entry.group == names and entry.alpha == report[names[0]].alpha
-        assert entry.err_svdquant < entry.err_naive
+        assert entry.err_svdq < entry.err_rtn
         assert rel_error(m, lin, held_out) < 0.1
 
 
@@ -130,7 +130,7 @@ def test_report_is_json_ready():
     again = QuantReport.from_dict(d)
     assert again.layers == report.layers
     s = report.summary()
-    assert s["max_rel_error"] == s["mean_rel_error"] == report["linear"].err_svdquant
+    assert s["max_rel_err"] == s["mean_rel_err"] == report["linear"].err_svdq
     with pytest.raises(ValueError, match="already in the report"):
         report.add(report.layers[0])
 
