@@ -32,7 +32,9 @@ def test_suite(benchmark, bench_size, tmp_path, module):
         return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
 
     proc = benchmark.pedantic(run, rounds=1)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    )
     results = {}
     for path in sorted(tmp_path.glob("*.json")):
         results[path.stem] = json.loads(path.read_text())

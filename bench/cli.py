@@ -50,29 +50,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument("--gpu", choices=_GPUS, default=None,
-                   help="GPU to predict for (default h100; with --measured: the GPU present)")
-    t.add_argument("--w4a4", action="store_true",
-                   help="DC-Gen in W4A4 (INT4 via INT8 on Hopper, NVFP4 on Blackwell); speedup "
-                        "= base bf16 / DC-Gen W4A4, the paper's 'total latency reduction'")
-    t.add_argument("--measured", action="store_true",
-                   help="time the models on this machine's GPU (random weights) and write results")
+    t.add_argument(
+        "--gpu",
+        choices=_GPUS,
+        default=None,
+        help="GPU to predict for (default h100; with --measured: the GPU present)",
+    )
+    t.add_argument(
+        "--w4a4",
+        action="store_true",
+        help="DC-Gen in W4A4 (INT4 via INT8 on Hopper, NVFP4 on Blackwell); speedup "
+        "= base bf16 / DC-Gen W4A4, the paper's 'total latency reduction'",
+    )
+    t.add_argument(
+        "--measured",
+        action="store_true",
+        help="time the models on this machine's GPU (random weights) and write results",
+    )
     t.add_argument("--json", action="store_true", help="print JSON records instead of tables")
-    t.add_argument("--family", choices=("flux", "sana"), default="flux",
-                   help="model family (the paper's tables are FLUX; SANA has no published row)")
-    t.add_argument("--base-steps", type=int, default=None,
-                   help="steps of the base runs (not stated by the paper; default FLUX 28)")
+    t.add_argument(
+        "--family",
+        choices=("flux", "sana"),
+        default="flux",
+        help="model family (the paper's tables are FLUX; SANA has no published row)",
+    )
+    t.add_argument(
+        "--base-steps",
+        type=int,
+        default=None,
+        help="steps of the base runs (not stated by the paper; default FLUX 28)",
+    )
     t.add_argument("--dcgen-steps", type=int, default=None, help="DC-Gen steps (default 20)")
-    t.add_argument("--ae-1k", choices=_AES, default=None,
-                   help="DC-Gen-FLUX autoencoder at 1K (default dc-ae-f32c32, the 1K model)")
-    t.add_argument("--attn-eff", type=float, default=None,
-                   help="override the GPU's attention-kernel efficiency (fraction of peak)")
-    t.add_argument("--sensitivity", action="store_true",
-                   help="also show the speedups over a grid of the open assumptions")
-    t.add_argument("--out", default="bench/results",
-                   help="--measured: folder for <gpu>-<date>.{md,json,png} (default bench/results)")
-    t.add_argument("--budget-s", type=float, default=300.0,
-                   help="--measured: seconds after which remaining rows are skipped (default 300)")
+    t.add_argument(
+        "--ae-1k",
+        choices=_AES,
+        default=None,
+        help="DC-Gen-FLUX autoencoder at 1K (default dc-ae-f32c32, the 1K model)",
+    )
+    t.add_argument(
+        "--attn-eff",
+        type=float,
+        default=None,
+        help="override the GPU's attention-kernel efficiency (fraction of peak)",
+    )
+    t.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="also show the speedups over a grid of the open assumptions",
+    )
+    t.add_argument(
+        "--out",
+        default="bench/results",
+        help="--measured: folder for <gpu>-<date>.{md,json,png} (default bench/results)",
+    )
+    t.add_argument(
+        "--budget-s",
+        type=float,
+        default=300.0,
+        help="--measured: seconds after which remaining rows are skipped (default 300)",
+    )
     t.add_argument("--tiny", action="store_true",
                    help="--measured: tiny models on the CPU (exercises the path; timings mean "
                         "nothing)")  # fmt: skip
@@ -133,8 +169,8 @@ def _run_predicted(args) -> int:
     )
     emit(rows, _COLUMNS, False, title=title)
     print()
-    print(format_table(_breakdown_rows(rows), _BREAKDOWN,
-                       "Breakdown (other = memory-bound ops + host waits + text encoding)"))  # fmt: skip
+    title = "Breakdown (other = memory-bound ops + host waits + text encoding)"
+    print(format_table(_breakdown_rows(rows), _BREAKDOWN, title))
     print()
     for r in rows:
         print(f"{r['resolution']}: {r['explanation']}")

@@ -308,7 +308,9 @@ def transformer_inputs(
         return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device, dt)
 
     def steps(n):
-        return torch.full((n,), 500.0, device=device) if not on_meta else torch.empty(n, device=device)
+        return (
+            torch.full((n,), 500.0, device=device) if not on_meta else torch.empty(n, device=device)
+        )
 
     if spec.family == "flux":
         side = int(round(tokens**0.5))

@@ -11,6 +11,7 @@
 #
 # Environment knobs (all optional):
 #   GPU_CHECK_BUDGET_S  total seconds for all stages (default 540)
+#   GPU_CHECK_MAX_STAGE_S  upper bound on any one stage's time box (default: none)
 #   GPU_CHECK_SKIP      comma-separated stages to skip (env,wheels,build,cmake,gpu_tests,
 #                       kernel_bench,latency,quantizer_speed)
 #   PYTHON              interpreter (default python3)
@@ -45,6 +46,7 @@ PY="${PYTHON:-python3}"
 WHEEL_DIR="${WHEEL_DIR:-.whl}"
 BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 SKIP=",${GPU_CHECK_SKIP:-},"
+MAX_STAGE="${GPU_CHECK_MAX_STAGE_S:-100000}"
 START=$(date +%s)
 SUMMARY="$OUTDIR/summary.txt"
 : >"$SUMMARY"
@@ -68,6 +70,7 @@ stage() {
         return 0
     fi
     ((limit > left - 5)) && limit=$((left - 5))
+    ((limit > MAX_STAGE)) && limit=$MAX_STAGE
     local t0 rc status
     t0=$(date +%s)
     echo "== $name (limit ${limit}s): $*" >"$OUTDIR/$name.log"

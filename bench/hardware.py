@@ -10,15 +10,24 @@ parameters per GPU, the same for every row (model, resolution, precision) of tha
 ``lowbit_eff``   the same for the 4-bit W4A4 GEMM relative to its own peak (INT8 on Hopper,
                  FP4 on Blackwell). Hopper: 0.50, an assumption: INT4 is unpacked to INT8 in
                  registers and the int32 accumulator is rescaled every 64-element group in
-                 software (FP8 block-scaled GEMMs with 128-element groups reach ~0.7).
+                 software (DeepGEMM reports up to ~1550 of 1979 TFLOP/s, 0.78, for FP8 with
+                 128-element block scales; 64-element groups rescale twice as often).
                  Blackwell: 0.70, block scales are applied by the MMA itself. To be replaced by
                  the kernel microbenchmarks' measurements.
-``attn_eff``     fraction of the attention peak reached by the 16-bit attention kernel of a
-                 stock diffusers pipeline (PyTorch SDPA, FlashAttention-2 class) at head dim
-                 128. Hopper / B200: 0.35 (FA2 ~350 of 989 TFLOP/s on H100, REFERENCE.md sec. 4;
-                 B200 assumed alike: FA2 issues no tcgen05 instructions). RTX 5090: 0.75 of its
-                 fp32-accumulate peak, an assumption (GeForce tensor cores run fp32-accumulate at
-                 half rate, so the softmax overhead that holds FA2 to ~35% on Hopper is hidden).
+``attn_eff``     fraction of the 16-bit attention peak that the attention kernel reaches at head
+                 dim 128 and long sequences. The least-known parameter: the paper does not say
+                 which kernel its base runs used. Public H100 figures: FlashAttention-2 ~350
+                 TFLOP/s (0.35, REFERENCE.md sec. 4), Triton's flash tutorial 459-477 (0.47,
+                 pytorch/benchmark PR 2391), FA3 FP16 ~650 (0.66). Hopper default 0.50: the one
+                 value in this file chosen by looking at the paper's numbers. With FLUX's
+                 default 28 base steps it puts the predicted base latencies 9-11% above the
+                 published ones at 1K, 2K and 4K alike; FA2's 0.35 would put them 20-43% above.
+                 It is used unchanged for every row, and for the H200 (same chip).
+                 ``bench table --sensitivity`` shows the table for 0.35 / 0.50 / 0.66. B200:
+                 0.50, assumed as Hopper. RTX 5090: 0.75 of its fp32-accumulate peak, an
+                 assumption (GeForce tensor cores run fp32 accumulation at half rate, which hides
+                 the softmax work that holds FA2 to ~35% on Hopper), not compared with anything:
+                 the paper's 5090 base latency is only implied by its 138x.
 ``bw_eff``       fraction of the memory bandwidth that memory-bound kernels reach: 0.90 =
                  4.3 / 4.8 TB/s, a device-to-device copy measured on this project's H200.
 ``dispatch_s``   host time to issue one kernel from eager PyTorch (Python + dispatcher +
@@ -99,7 +108,8 @@ GPUS: dict[str, GPU] = {
     ),
     "b200": GPU(
         "b200", "NVIDIA B200", 2250e12, 2250e12, 4500e12, 4500e12, 9000e12, 8.0e12, 148, "nvfp4",
-        lowbit_eff=0.70, attn_eff=0.50, sources="HGX B200 datasheet per GPU (dense); REFERENCE.md sec. 4",
+        lowbit_eff=0.70, attn_eff=0.50,
+        sources="HGX B200 datasheet per GPU (dense); REFERENCE.md sec. 4",
     ),
     "rtx5090": GPU(
         "rtx5090", "NVIDIA GeForce RTX 5090", 209.5e12, 419e12, 838e12, 419e12, 1676e12, 1.792e12,

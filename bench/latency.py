@@ -52,13 +52,31 @@ def step_ops(model: str, resolution: int, precision: str = "bf16", autoencoder: 
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; expected one of {PRECISIONS}")
-    net = configs.build_transformer(model)
+    spec = configs.transformer_spec(model)
+    # Trace two blocks of each kind and replicate the second one (exact: blocks 1..N-1 run the
+    # same kernels on the same shapes; block 0 may differ, e.g. a non-contiguous input).
+    depth = _DEPTH_KEYS[spec.family]
+    net = configs.build_transformer(model, **{key: 2 for key in depth})
     if precision != "bf16":
         from .w4a4 import convert_to_w4a4
 
         convert_to_w4a4(net, precision)
     inputs = configs.transformer_inputs(model, resolution, autoencoder=autoencoder)
-    return tuple(opcount.trace(lambda: net(**inputs)))
+    segments, repeats = {}, {}
+    for key, attr in depth.items():
+        for i, block in enumerate(getattr(net, attr)):
+            segments[block] = f"{attr}.{i}"
+        repeats[f"{attr}.1"] = spec.config.get(key, _DEFAULT_DEPTH[key]) - 1
+    ops = opcount.trace(lambda: net(**inputs), segments)
+    return tuple(opcount.expand(ops, repeats))
+
+
+# config key of each block stack -> the ModuleList holding it
+_DEPTH_KEYS = {
+    "flux": {"num_layers": "transformer_blocks", "num_single_layers": "single_transformer_blocks"},
+    "sana": {"num_layers": "transformer_blocks"},
+}
+_DEFAULT_DEPTH = {"num_layers": 20, "num_single_layers": 38}
 
 
 @functools.cache

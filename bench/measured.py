@@ -36,7 +36,8 @@ TINY_TRANSFORMER = {
 }  # fmt: skip
 TINY_AUTOENCODER = {
     "flux-vae": {"block_out_channels": (32, 32, 32, 32), "layers_per_block": 1},
-    "dc-ae-f32c32": {"encoder_block_out_channels": (32,) * 6, "decoder_block_out_channels": (32,) * 6,
+    "dc-ae-f32c32": {"encoder_block_out_channels": (32,) * 6,
+                     "decoder_block_out_channels": (32,) * 6,
                      "encoder_layers_per_block": (1,) * 6, "decoder_layers_per_block": (1,) * 6},
     "dc-ae-1.5-f64c128": {"encoder_block_out_channels": (32,) * 7,
                           "decoder_block_out_channels": (32,) * 7,
@@ -117,29 +118,36 @@ def _use_our_attention(model) -> str:
     return f"dcgen_quant attention on {n} modules"
 
 
-def measure_ceilings(device: torch.device) -> dict[str, float]:
-    """Measured bf16 matmul rate, SDPA rate at FLUX-4K shape and copy bandwidth (GPU only)."""
-    out: dict[str, float] = {}
-    n = 8192
+def _matmul_tflops(device: torch.device, n: int = 8192) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    t = statistics.median(time_fn(lambda: a @ b, device, 3, 10))
-    out["matmul_bf16_tflops"] = 2 * n**3 / t / 1e12
-    del a, b
-    s = 66048  # FLUX at 4K: 65536 image + 512 text tokens, 24 heads x 128
-    q, k, v = (torch.randn(1, 24, s, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    return 2 * n**3 / statistics.median(time_fn(lambda: a @ b, device, 3, 10)) / 1e12
+
+
+def _sdpa_tflops(device: torch.device, s: int = 66048, heads: int = 24) -> float:
+    # FLUX at 4K: 65536 image + 512 text tokens, 24 heads x 128, one image
+    q, k, v = (torch.randn(1, heads, s, 128, device=device, dtype=torch.bfloat16) for _ in "qkv")
     sdpa = torch.nn.functional.scaled_dot_product_attention
     t = statistics.median(time_fn(lambda: sdpa(q, k, v), device, 1, 3))
-    out["sdpa_bf16_tflops"] = 4 * 24 * s * s * 128 / t / 1e12
-    del q, k, v
-    x = torch.empty(2**30, device=device, dtype=torch.uint8)
+    return 4 * heads * s * s * 128 / t / 1e12
+
+
+def _copy_tbs(device: torch.device, nbytes: int = 2**30) -> float:
+    x = torch.randint(0, 256, (nbytes,), device=device, dtype=torch.uint8)  # never zeros
     y = torch.empty_like(x)
-    t = statistics.median(time_fn(lambda: y.copy_(x), device, 3, 10))
-    out["copy_tbs"] = 2 * x.numel() / t / 1e12
+    return 2 * nbytes / statistics.median(time_fn(lambda: y.copy_(x), device, 3, 10)) / 1e12
+
+
+def measure_ceilings(device: torch.device) -> dict[str, float]:
+    """Measured bf16 matmul rate (8192^3), SDPA rate at FLUX-4K shape and copy bandwidth
+    (bytes read + written); the temporaries are freed between measurements."""
+    out = {"matmul_bf16_tflops": _matmul_tflops(device)}
+    out["sdpa_bf16_tflops"] = _sdpa_tflops(device)
+    out["copy_tbs"] = _copy_tbs(device)
     return out
 
 
-def _plan(tiny: bool, resolutions, with_w4a4: bool, fmt: str) -> list[tuple]:
+def _plan(resolutions, with_w4a4: bool, fmt: str) -> list[tuple]:
     """(kind, name, precision, resolution, autoencoder) in the order they are measured."""
     r = tuple(sorted(resolutions))
     lo = r[0]
@@ -201,14 +209,19 @@ def measure(
         result["ceilings"] = measure_ceilings(device)
     if resolutions is None:
         resolutions = TINY_RESOLUTIONS if tiny else (1024, 2048, 4096)
-    plan = _plan(tiny, resolutions, w4a4, fmt)
+    plan = _plan(resolutions, w4a4, fmt)
     cache: dict = {}
     for kind, name, prec, res, ae in tqdm(plan, desc="measure", disable=not progress):
         elapsed = time.perf_counter() - start
         if elapsed > budget_s:
             result["skipped"].append(
-                {"kind": kind, "model": name, "precision": prec, "resolution": res,
-                 "reason": f"time budget {budget_s:.0f}s spent ({elapsed:.0f}s)"}  # fmt: skip
+                {
+                    "kind": kind,
+                    "model": name,
+                    "precision": prec,
+                    "resolution": res,
+                    "reason": f"time budget {budget_s:.0f}s spent ({elapsed:.0f}s)",
+                }  # fmt: skip
             )
             continue
         try:

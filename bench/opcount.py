@@ -23,6 +23,7 @@ modulation, copies). The latency model (:mod:`dcgen_quant.bench.latency`) maps t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Op", "trace", "summarize"]
+__all__ = ["Op", "trace", "expand", "summarize"]
 
 # Tile edge used to count output tiles of GEMMs and query blocks of attention (wave model).
 TILE = 128
@@ -74,16 +75,15 @@ class Op:
     flops_aux: float = 0.0
     dtype: str = "bfloat16"
     fmt: str = ""
+    segment: str = ""  # tag of the repeated block this op ran in ("" outside blocks)
 
 
 def _nbytes(t) -> int:
     if not isinstance(t, torch.Tensor):
         return 0
     n = t.numel() * t.element_size()
-    try:
+    with contextlib.suppress(RuntimeError, NotImplementedError):  # tensors without storage
         n = min(n, t.untyped_storage().nbytes())
-    except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. subclasses)
-        pass
     return n
 
 
@@ -122,8 +122,9 @@ def _conv_tiles(out: torch.Tensor) -> int:
 class _Scope:
     """Stack of the modules currently running (global forward hooks)."""
 
-    def __init__(self):
+    def __init__(self, segments: dict[torch.nn.Module, str] | None = None):
         self.stack: list[torch.nn.Module] = []
+        self.segments = segments or {}
 
     def __enter__(self):
         self._pre = register_module_forward_pre_hook(self._enter)
@@ -141,6 +142,12 @@ class _Scope:
     def __exit__(self, *exc):
         self._pre.remove()
         self._post.remove()
+
+    def segment(self) -> str:
+        for m in self.stack:
+            if m in self.segments:
+                return self.segments[m]
+        return ""
 
     def in_attention_core(self) -> bool:
         """True inside an attention module but not inside one of its Linear / Conv layers."""
@@ -160,13 +167,20 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func in _FREE or _is_view(func):
             return out
+        n = len(self.ops)
+        self._record(func, args, kwargs, out)
+        for op in self.ops[n:]:
+            op.segment = self.scope.segment()
+        return out
+
+    def _record(self, func, args, kwargs, out) -> None:
         ins, outs = _tensors((args, kwargs)), _tensors(out)
         if not ins and not outs:
-            return out
+            return
         if any(t.device.type == "cpu" for t in ins + outs) and not all(
             t.device.type == "cpu" for t in ins + outs
         ):
-            return out  # host scalars mixed in: not a device kernel of its own
+            return  # host scalars mixed in: not a device kernel of its own
         packet = func._overloadpacket
         name = packet.__name__
         dtype = str(ins[0].dtype if ins else outs[0].dtype).replace("torch.", "")
@@ -184,7 +198,6 @@ class _Recorder(TorchDispatchMode):
             self.ops.append(Op(name, "attn", "attention", flops, nbytes, 1, dtype=dtype))
         else:
             self.ops.append(Op(name, "mem", "other", 0.0, nbytes, dtype=dtype))
-        return out
 
 
 def _custom_op(name, args, kwargs, out, nbytes) -> Op:
@@ -215,9 +228,9 @@ def _custom_op(name, args, kwargs, out, nbytes) -> Op:
 class _SDPA(TorchFunctionMode):
     """Records F.scaled_dot_product_attention as one fused kernel and skips its math."""
 
-    def __init__(self, ops: list[Op]):
+    def __init__(self, ops: list[Op], scope: _Scope):
         super().__init__()
-        self.ops = ops
+        self.ops, self.scope = ops, scope
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -230,19 +243,43 @@ class _SDPA(TorchFunctionMode):
             blocks = math.prod(q.shape[:-2]) * math.ceil(q.shape[-2] / TILE)
             dtype = str(q.dtype).replace("torch.", "")
             self.ops.append(
-                Op("sdpa", "attn", "attention", float(flops), float(nbytes), blocks, dtype=dtype)
-            )
+                Op("sdpa", "attn", "attention", float(flops), float(nbytes), blocks, dtype=dtype,
+                   segment=self.scope.segment())
+            )  # fmt: skip
             with torch._C.DisableTorchFunction():
                 return q.new_empty(out_shape)
         return func(*args, **kwargs)
 
 
-def trace(fn: Callable[[], object]) -> list[Op]:
-    """Run ``fn()`` (typically a forward on meta tensors) and return its kernels in order."""
+def trace(fn: Callable[[], object], segments: dict[torch.nn.Module, str] | None = None) -> list[Op]:
+    """Run ``fn()`` (typically a forward on meta tensors) and return its kernels in order.
+
+    ``segments`` maps modules (e.g. transformer blocks) to a tag stored in ``Op.segment`` for
+    every op that runs inside them (see :func:`expand`).
+    """
     ops: list[Op] = []
-    with _Scope() as scope, _SDPA(ops), _Recorder(ops, scope), torch.no_grad():
+    with _Scope(segments) as scope, _SDPA(ops, scope), _Recorder(ops, scope), torch.no_grad():
         fn()
     return ops
+
+
+def expand(ops: list[Op], repeats: dict[str, int]) -> list[Op]:
+    """Replicate each contiguous run of ops tagged ``tag`` ``repeats[tag]`` times (0 drops it).
+
+    A model with N identical blocks runs, between its prologue and epilogue, the same kernels N
+    times with the same shapes; tracing it with one block per kind and expanding is exact and
+    N times cheaper (tests/bench/test_flops.py checks it against the full-depth model).
+    """
+    out: list[Op] = []
+    i = 0
+    while i < len(ops):
+        tag = ops[i].segment
+        j = i
+        while j < len(ops) and ops[j].segment == tag:
+            j += 1
+        out.extend(ops[i:j] * repeats.get(tag, 1))
+        i = j
+    return out
 
 
 def summarize(ops: list[Op]) -> dict[str, dict[str, float]]:

@@ -162,9 +162,9 @@ def markdown(result: dict, rows: list[dict], runs: list[dict], assumptions: Assu
         "",
     ]
     if result.get("ceilings"):
-        lines += ["Measured ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in result["ceilings"].items()),
-                  "Implied efficiencies: " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                       implied_efficiencies(result).items()), ""]  # fmt: skip
+        ceilings = ", ".join(f"{k} {v:.1f}" for k, v in result["ceilings"].items())
+        effs = ", ".join(f"{k} {v:.2f}" for k, v in implied_efficiencies(result).items())
+        lines += [f"Measured ceilings: {ceilings}", f"Implied efficiencies: {effs}", ""]
     if result.get("w4a4_unavailable"):
         lines += [f"W4A4 not measured: {result['w4a4_unavailable']}", ""]
     lines += ["```", format_table(rows, _MAIN_COLS), "```", "", "Per run:", "```",
@@ -226,5 +226,7 @@ def write_results(result: dict, out_dir: str | Path, assumptions: Assumptions | 
     }
     atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
     atomic_write_text(paths["md"], markdown(result, rows, runs, assumptions))
-    plot(rows, paths["png"], f"{result['env'].get('gpu_name') or 'CPU tiny'} {result['env']['date']}")
+    plot(
+        rows, paths["png"], f"{result['env'].get('gpu_name') or 'CPU tiny'} {result['env']['date']}"
+    )
     return rows, runs, paths

@@ -100,10 +100,12 @@ def _explain(base: latency.Prediction, dcgen: latency.Prediction) -> str:
     b, d = base.breakdown(), dcgen.breakdown()
     attn_share = b["attention"] / base.total_s
     fixed = (dcgen.decode_s + dcgen.text_s) / dcgen.total_s
+    attn = b["attention"] / max(d["attention"], 1e-12)
+    lin = b["linear"] / max(d["linear"], 1e-12)
     return (
         f"tokens {base.tokens}->{dcgen.tokens} ({base.tokens / dcgen.tokens:.0f}x); per step "
-        f"{base.step_s / dcgen.step_s:.1f}x (attention {b['attention'] / max(d['attention'], 1e-12):.0f}x "
-        f"less over the run, linear {b['linear'] / max(d['linear'], 1e-12):.1f}x); steps "
+        f"{base.step_s / dcgen.step_s:.1f}x (attention {attn:.0f}x less over the run, linear "
+        f"{lin:.1f}x); steps "
         f"{base.steps}/{dcgen.steps}; base is {attn_share:.0%} attention; VAE+text are "
         f"{fixed:.0%} of DC-Gen"
     )
@@ -123,7 +125,9 @@ def predicted_rows(
     """
     a = (assumptions or Assumptions()).resolved()
     base_model, models, _, _ = FAMILIES[a.family]
-    published = PUBLISHED.get((gpu.name, "w4a4" if w4a4 else "bf16"), {}) if a.family == "flux" else {}
+    published = (
+        PUBLISHED.get((gpu.name, "w4a4" if w4a4 else "bf16"), {}) if a.family == "flux" else {}
+    )
     rows = []
     for res in resolutions:
         # resolutions without an explicit choice use the highest resolution's autoencoder
