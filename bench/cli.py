@@ -205,11 +205,15 @@ def _run_measured(args) -> int:
                 raise ValueError(
                     f"--gpu {args.gpu} but this machine has {torch.cuda.get_device_name()!r}"
                 )
+    from pathlib import Path
+
+    checkpoint = Path(args.out) / "partial-measurement.json"
     result = measured.measure(
         device, tiny=args.tiny, budget_s=args.budget_s, w4a4=True if args.w4a4 else None,
-        progress=not args.json,
+        progress=not args.json, checkpoint=checkpoint,
     )  # fmt: skip
     rows, runs, paths = report.write_results(result, args.out, _assumptions(args))
+    checkpoint.unlink(missing_ok=True)
     if args.json:
         from dcgen_quant.tables import emit
 

@@ -17,6 +17,7 @@ its timings mean nothing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -97,16 +98,24 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
     return times
 
 
-def _w4a4_unavailable(device: torch.device, tiny: bool) -> str | None:
-    """None if 4-bit layers can run fast here (or tiny CPU mode), else why not."""
+def _w4a4_backend(device: torch.device, tiny: bool) -> tuple[str | None, str | None]:
+    """(backend that times the 4-bit layers, None) or (None, why W4A4 cannot be timed here).
+
+    On a GPU only a kernel backend (cuda, else triton) counts: the W4A4 rows pin it with
+    ``ops.set_backend`` so that a call it cannot serve fails the row instead of silently timing
+    the pure-torch reference. Tiny CPU mode uses the reference (the code path, not a speed).
+    """
     from dcgen_quant import ops
 
     if device.type != "cuda":
-        return None if tiny else "W4A4 timing needs a GPU kernel backend"
-    reasons = [f"{b}: {r}" for b in ("cuda", "triton") if (r := ops.backend_unavailable(b))]
-    if len(reasons) == 2:
-        return "no 4-bit kernel backend: " + "; ".join(reasons)
-    return None
+        return ("reference", None) if tiny else (None, "W4A4 timing needs a GPU kernel backend")
+    reasons = []
+    for name in ("cuda", "triton"):
+        reason = ops.backend_unavailable(name)
+        if reason is None:
+            return name, None
+        reasons.append(f"{name}: {reason}")
+    return None, "no 4-bit kernel backend: " + "; ".join(reasons)
 
 
 def _use_our_attention(model) -> str:
@@ -155,12 +164,12 @@ def _plan(resolutions, with_w4a4: bool, fmt: str) -> list[tuple]:
     plan = [("step", "dcgen-flux-f64c128", "bf16", res, f64) for res in r]
     plan += [("step", "dcgen-flux-f32c32", "bf16", res, f32) for res in r if res <= 2 * lo]
     plan += [("step", "flux", "bf16", res, "flux-vae") for res in r]
-    if with_w4a4:
+    plan += [("decode", ae, "bf16", res, ae) for ae in ("flux-vae", f64) for res in r]
+    plan += [("decode", f32, "bf16", res, f32) for res in r if res <= 2 * lo]
+    if with_w4a4:  # last: the bf16 rows are complete before the newest code runs
         plan += [("step", "dcgen-flux-f64c128", fmt, res, f64) for res in r]
         plan += [("step", "dcgen-flux-f32c32", fmt, lo, f32)]
         plan += [("step", "flux", fmt, res, "flux-vae") for res in r]
-    plan += [("decode", ae, "bf16", res, ae) for ae in ("flux-vae", f64) for res in r]
-    plan += [("decode", f32, "bf16", res, f32) for res in r if res <= 2 * lo]
     return plan
 
 
@@ -180,12 +189,15 @@ def measure(
     w4a4: bool | None = None,
     fmt: str | None = None,
     progress: bool = True,
+    checkpoint=None,
 ) -> dict:
     """Measure step and decode times; returns ``{"env", "ceilings", "runs", "skipped"}``.
 
     ``runs``: one dict per measurement (kind, model, precision, resolution, autoencoder,
     times_s, median_s, warmup, note). Rows that would exceed ``budget_s`` (seconds since the
-    start) are skipped and listed in ``skipped`` with the reason.
+    start) are skipped and listed in ``skipped`` with the reason. With ``checkpoint`` (a path)
+    the result so far is written there after every row, so that a run killed by an outer time
+    limit still leaves its numbers.
     """
     from tqdm import tqdm
 
@@ -198,13 +210,14 @@ def measure(
         gpu_key = gpu_from_device_name(torch.cuda.get_device_name(device))
         fmt = fmt or (get_gpu(gpu_key).lowbit_format if gpu_key else "int4")
     fmt = fmt or "int4"
-    reason = _w4a4_unavailable(device, tiny)
+    backend, reason = _w4a4_backend(device, tiny)
     if w4a4 is None:
         w4a4 = reason is None
     elif w4a4 and reason:
         raise RuntimeError(f"--w4a4 measurement impossible here: {reason}")
     result = {"env": environment(device), "gpu": gpu_key, "tiny": tiny, "format": fmt,
-              "w4a4_unavailable": reason, "ceilings": {}, "runs": [], "skipped": []}  # fmt: skip
+              "w4a4_backend": backend if w4a4 else None, "w4a4_unavailable": reason,
+              "ceilings": {}, "runs": [], "skipped": []}  # fmt: skip
     if device.type == "cuda" and not tiny:
         result["ceilings"] = measure_ceilings(device)
     if resolutions is None:
@@ -225,7 +238,8 @@ def measure(
             )
             continue
         try:
-            run = _measure_one(cache, device, tiny, kind, name, prec, res, ae)
+            with _pinned_backend(backend if prec != "bf16" else None):
+                run = _measure_one(cache, device, tiny, kind, name, prec, res, ae)
         except (RuntimeError, ValueError, NotImplementedError) as exc:  # OOM, unsupported kernels
             msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             result["skipped"].append(
@@ -235,9 +249,34 @@ def measure(
                 torch.cuda.empty_cache()
             continue
         result["runs"].append(run)
+        if checkpoint is not None:
+            _write_checkpoint(checkpoint, result)
     cache.clear()
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+@contextlib.contextmanager
+def _pinned_backend(name: str | None):
+    from dcgen_quant import ops
+
+    if name is None:
+        yield
+        return
+    previous = ops.get_backend()
+    ops.set_backend(name)
+    try:
+        yield
+    finally:
+        ops.set_backend(previous)
+
+
+def _write_checkpoint(path, result: dict) -> None:
+    import json
+
+    from dcgen_quant.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=1, default=str) + "\n")
 
 
 def _dtype(device: torch.device) -> torch.dtype:
@@ -292,7 +331,20 @@ def _measure_one(cache, device, tiny, kind, name, prec, res, ae) -> dict:
             return model.decode(latent, return_dict=False)
 
     warmup, reps = _reps(kind, name, res, tiny)
-    times = time_fn(fn, device, warmup, reps)
+    try:
+        times = time_fn(fn, device, warmup, reps)
+    except torch.OutOfMemoryError:
+        if kind != "decode":
+            raise
+        # a full 4K decode can exceed memory (FLUX VAE mid-block attention over 262144 tokens
+        # at head dim 512); time the tiled decode that pipelines use then, and say so
+        torch.cuda.empty_cache()
+        model.enable_tiling()
+        try:
+            times = time_fn(fn, device, warmup, reps)
+        finally:
+            model.disable_tiling()
+        note = (note + "; " if note else "") + "tiled decode (the full decode ran out of memory)"
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {

@@ -158,13 +158,20 @@ def markdown(result: dict, rows: list[dict], runs: list[dict], assumptions: Assu
         f"Whole image = steps x step + VAE decode (text encoders not measured); base FLUX "
         f"{a.base_steps} steps, DC-Gen-FLUX {a.dcgen_steps} steps; random weights; batch 1. "
         f"Predicted columns: the latency model with this GPU's default parameters, text "
-        f"excluded. Run wall time {result.get('wall_s', 0):.0f} s.",
+        f"excluded. Run wall time {result.get('wall_s', 0):.0f} s."
+        + (
+            " Tiny CPU runs compute in float32 ('bf16' rows: the 16-bit models)."
+            if result.get("tiny")
+            else ""
+        ),
         "",
     ]
     if result.get("ceilings"):
         ceilings = ", ".join(f"{k} {v:.1f}" for k, v in result["ceilings"].items())
         effs = ", ".join(f"{k} {v:.2f}" for k, v in implied_efficiencies(result).items())
         lines += [f"Measured ceilings: {ceilings}", f"Implied efficiencies: {effs}", ""]
+    if result.get("w4a4_backend"):
+        lines += [f"W4A4 rows timed with the {result['w4a4_backend']!r} backend.", ""]
     if result.get("w4a4_unavailable"):
         lines += [f"W4A4 not measured: {result['w4a4_unavailable']}", ""]
     lines += ["```", format_table(rows, _MAIN_COLS), "```", "", "Per run:", "```",
