@@ -43,7 +43,9 @@ def _build(cls, config: dict, seed: int, dtype: torch.dtype):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(**config)
-    return model.to(dtype).eval()
+    if dtype != torch.float32:  # diffusers warns about .to(dtype) even when nothing changes
+        model = model.to(dtype)
+    return model.eval()
 
 
 def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
