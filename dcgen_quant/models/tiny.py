@@ -43,8 +43,16 @@ def _build(cls, config: dict, seed: int, dtype: torch.dtype):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(**config)
-    if dtype != torch.float32:  # diffusers warns about .to(dtype) even when nothing changes
-        model = model.to(dtype)
+    if dtype != torch.float32:
+        # diffusers warns about .to(dtype) on models without fp32-pinned modules; nothing to pin
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            model = model.to(dtype)
+        finally:
+            diffusers_logging.set_verbosity(level)
     return model.eval()
 
 
