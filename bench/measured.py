@@ -219,34 +219,40 @@ def measure(
               "w4a4_backend": backend if w4a4 else None, "w4a4_unavailable": reason,
               "ceilings": {}, "runs": [], "skipped": []}  # fmt: skip
     if device.type == "cuda" and not tiny:
-        result["ceilings"] = measure_ceilings(device)
+        try:
+            result["ceilings"] = measure_ceilings(device)
+        except RuntimeError as exc:  # e.g. out of memory: the models can still be timed
+            result["ceilings_error"] = _first_line(exc)
+            torch.cuda.empty_cache()
     if resolutions is None:
         resolutions = TINY_RESOLUTIONS if tiny else (1024, 2048, 4096)
     plan = _plan(resolutions, w4a4, fmt)
     cache: dict = {}
+    failed: dict[tuple, str] = {}  # models that could not be built: their rows are skipped
     for kind, name, prec, res, ae in tqdm(plan, desc="measure", disable=not progress):
+        row = {"kind": kind, "model": name, "precision": prec, "resolution": res}
         elapsed = time.perf_counter() - start
         if elapsed > budget_s:
-            result["skipped"].append(
-                {
-                    "kind": kind,
-                    "model": name,
-                    "precision": prec,
-                    "resolution": res,
-                    "reason": f"time budget {budget_s:.0f}s spent ({elapsed:.0f}s)",
-                }  # fmt: skip
-            )
+            reason = f"time budget {budget_s:.0f}s spent ({elapsed:.0f}s)"
+            result["skipped"].append({**row, "reason": reason})
+            continue
+        if (kind, name, prec) in failed:
+            result["skipped"].append({**row, "reason": failed[(kind, name, prec)]})
             continue
         try:
             with _pinned_backend(backend if prec != "bf16" else None):
-                run = _measure_one(cache, device, tiny, kind, name, prec, res, ae)
+                model = _get_model(cache, device, tiny, kind, name, prec)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            failed[(kind, name, prec)] = f"model set-up failed: {_first_line(exc)}"
+            result["skipped"].append({**row, "reason": failed[(kind, name, prec)]})
+            _free(device)
+            continue
+        try:
+            with _pinned_backend(backend if prec != "bf16" else None):
+                run = _measure_one(model, device, tiny, kind, name, prec, res, ae)
         except (RuntimeError, ValueError, NotImplementedError) as exc:  # OOM, unsupported kernels
-            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            result["skipped"].append(
-                {"kind": kind, "model": name, "precision": prec, "resolution": res, "reason": msg}
-            )
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            result["skipped"].append({**row, "reason": _first_line(exc)})
+            _free(device)
             continue
         result["runs"].append(run)
         if checkpoint is not None:
@@ -254,6 +260,16 @@ def measure(
     cache.clear()
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -313,8 +329,8 @@ def _get_model(cache: dict, device, tiny: bool, kind: str, name: str, prec: str)
 
 
 @torch.no_grad()
-def _measure_one(cache, device, tiny, kind, name, prec, res, ae) -> dict:
-    model, over, note = _get_model(cache, device, tiny, kind, name, prec)
+def _measure_one(entry, device, tiny, kind, name, prec, res, ae) -> dict:
+    model, over, note = entry
     gen = torch.Generator().manual_seed(res)
     if kind == "step":
         inputs = configs.transformer_inputs(

@@ -43,12 +43,13 @@ __all__ = ["Op", "trace", "expand", "summarize"]
 TILE = 128
 
 _aten = torch.ops.aten
-# Ops that allocate or re-view memory: no kernel, no traffic.
+# Ops that allocate or re-view memory: no kernel, no traffic. (Views with an alias annotation
+# in their schema are recognized by _is_view; _unsafe_view has none but is a view.)
 _FREE = {
     _aten.empty.memory_format, _aten.empty_like.default, _aten.empty_strided.default,
     _aten.new_empty.default, _aten.new_empty_strided.default, _aten.lift_fresh.default,
     _aten.detach.default, _aten._local_scalar_dense.default, _aten.set_.source_Storage,
-    _aten.resize_.default,
+    _aten.resize_.default, _aten._unsafe_view.default,
 }  # fmt: skip
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm"}
 _CONV = {"convolution", "_convolution", "cudnn_convolution", "convolution_overrideable"}

@@ -50,3 +50,20 @@ def test_init_random_gives_finite_scaled_weights():
     assert torch.isfinite(w).all()
     assert w.std().item() == pytest.approx(1 / math.sqrt(w.shape[1]), rel=0.1)
     assert (model.transformer_blocks[0].ff.net[2].bias == 0).all()
+
+
+def test_a_model_that_fails_to_build_skips_its_rows_once(monkeypatch):
+    calls = []
+
+    def broken(model, fmt, **kwargs):
+        calls.append(fmt)
+        raise RuntimeError("no kernel for this layout")
+
+    monkeypatch.setattr("dcgen_quant.bench.w4a4.convert_to_w4a4", broken)
+    row = ("step", "dcgen-flux-f64c128", "int4", 64, "dc-ae-1.5-f64c128")
+    monkeypatch.setattr(measured, "_plan", lambda *a: [row, row[:3] + (128, row[4])])
+    result = measured.measure("cpu", tiny=True, progress=False)
+    assert result["runs"] == [] and calls == ["int4"]  # built once, not once per row
+    assert [s["resolution"] for s in result["skipped"]] == [64, 128]
+    assert all(s["reason"] == "model set-up failed: no kernel for this layout"
+               for s in result["skipped"])  # fmt: skip
