@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def measured_rows(result: dict, assumptions: Assumptions | None = None) -> list[
     a = (assumptions or Assumptions()).resolved()
     idx = _index(result)
     fmt = result.get("format", "int4")
-    gpu = get_gpu(result["gpu"]) if result.get("gpu") and not result.get("tiny") else None
+    gpu, calibrated = _gpus(result)
     resolutions = sorted({r["resolution"] for r in result["runs"]})
     rows = []
     for res in resolutions:
@@ -73,34 +74,52 @@ def measured_rows(result: dict, assumptions: Assumptions | None = None) -> list[
                 dcgen_s=dcgen_s,
                 speedup=base_s / dcgen_s if base_s and dcgen_s else None,
             )
-            if gpu is not None:
-                bs, bd = _predicted(gpu, "flux", res, "bf16", "flux-vae", a.base_steps)
-                ds, dd = _predicted(gpu, dcgen_model, res, prec, ae, a.dcgen_steps)
-                row["predicted_base_s"] = a.base_steps * bs + bd
-                row["predicted_dcgen_s"] = a.dcgen_steps * ds + dd
-                row["predicted_speedup"] = row["predicted_base_s"] / row["predicted_dcgen_s"]
+            for tag, g in (("", gpu), ("calibrated_", calibrated)):
+                if g is None:
+                    continue
+                bs, bd = _predicted(g, "flux", res, "bf16", "flux-vae", a.base_steps)
+                ds, dd = _predicted(g, dcgen_model, res, prec, ae, a.dcgen_steps)
+                pb, pd = a.base_steps * bs + bd, a.dcgen_steps * ds + dd
+                row.update({f"{tag}predicted_base_s": pb, f"{tag}predicted_dcgen_s": pd,
+                            f"{tag}predicted_speedup": pb / pd})  # fmt: skip
             key = ("h100", "bf16" if prec == "bf16" else "w4a4")
             row["published_speedup_h100"] = PUBLISHED.get(key, {}).get(res, (None,) * 3)[2]
             rows.append(row)
     return rows
 
 
+def _gpus(result: dict):
+    """(the GPU with default parameters, the GPU with the measured ceilings' efficiencies)."""
+    if not result.get("gpu") or result.get("tiny"):
+        return None, None
+    gpu = get_gpu(result["gpu"])
+    implied = {k: min(v, 1.0) for k, v in implied_efficiencies(result).items()}
+    return gpu, (dataclasses.replace(gpu, **implied) if implied else None)
+
+
 def run_rows(result: dict) -> list[dict]:
-    """One row per measured step / decode with the model's prediction and the ratio."""
-    gpu = get_gpu(result["gpu"]) if result.get("gpu") and not result.get("tiny") else None
+    """One row per measured step / decode with the model's prediction and the ratio.
+
+    ``predicted_ms`` uses the GPU's default parameters; ``calibrated_ms`` (when the ceilings
+    were measured) the mm_eff / attn_eff / bw_eff this run measured.
+    """
+    gpu, calibrated = _gpus(result)
     out = []
     for r in result["runs"]:
         row = {k: r[k] for k in ("kind", "model", "precision", "resolution")}
         row["measured_ms"] = r["median_s"] * 1e3
         row["reps"] = r["reps"]
-        if gpu is not None:
+        for key, g in (("predicted_ms", gpu), ("calibrated_ms", calibrated)):
+            if g is None:
+                continue
             if r["kind"] == "step":
-                p = latency.predict_image(gpu, r["model"], r["resolution"], 1, r["precision"],
+                p = latency.predict_image(g, r["model"], r["resolution"], 1, r["precision"],
                                           r["autoencoder"])  # fmt: skip
-                row["predicted_ms"] = p.step_s * 1e3
+                row[key] = p.step_s * 1e3
             else:
                 ops = latency.decode_ops(r["model"], r["resolution"])
-                row["predicted_ms"] = latency.simulate(ops, gpu)["total"] * 1e3
+                row[key] = latency.simulate(ops, g)["total"] * 1e3
+        if "predicted_ms" in row:
             row["measured/predicted"] = row["measured_ms"] / row["predicted_ms"]
         row["note"] = r.get("note", "")
         out.append(row)
@@ -136,12 +155,15 @@ _MAIN_COLS = [
     ("base_step_s", "base step s", ".3f"), ("dcgen_step_s", "DC-Gen step s", ".4f"),
     ("base_s", "base s", ".2f"), ("dcgen_s", "DC-Gen s", ".2f"), ("speedup", "speedup", ".1f"),
     ("predicted_base_s", "pred base s", ".2f"), ("predicted_dcgen_s", "pred DC-Gen s", ".2f"),
-    ("predicted_speedup", "pred speedup", ".1f"), ("published_speedup_h100", "paper H100", ".1f"),
+    ("predicted_speedup", "pred speedup", ".1f"),
+    ("calibrated_predicted_speedup", "pred speedup (measured effs)", ".1f"),
+    ("published_speedup_h100", "paper H100", ".1f"),
 ]  # fmt: skip
 _RUN_COLS = [
     ("kind", "kind", None), ("model", "model", None), ("precision", "prec", None),
     ("resolution", "res", None), ("measured_ms", "measured ms", ".2f"), ("reps", "n", None),
     ("predicted_ms", "predicted ms", ".2f"), ("measured/predicted", "meas/pred", ".2f"),
+    ("calibrated_ms", "pred ms (measured effs)", ".2f"),
 ]  # fmt: skip
 
 
