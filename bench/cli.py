@@ -190,6 +190,8 @@ def _run_measured(args) -> int:
 
     from . import measured, report
 
+    if args.family != "flux":
+        raise ValueError(f"--measured times the FLUX table only, got --family {args.family}")
     if args.tiny:
         device = "cpu"
     else:
