@@ -255,9 +255,10 @@ def quantize_group(
     weight = torch.cat([s.weight for s in specs], dim=0)
     problem = GroupProblem(weight, splits, x, config.format, config.dtype)
     rank = min(config.rank, weight.shape[0], k)
+    ranking = problem.subset(config.search_tokens, generator)
     result = search(
         problem, rank, config.smooth, config.smooth_grid, config.lowrank_iters, config.svd,
-        generator,
+        generator, ranking,
     )  # fmt: skip
     modules, used_gptq = _w4a4_modules(problem, result, specs, splits, config, config.gptq)
 
@@ -266,7 +267,9 @@ def quantize_group(
         base = search(problem, 0, False, 1, 0, config.svd, generator)
         naive_modules, _ = _w4a4_modules(problem, base, specs, splits, config, False)
         naive = [relative_error(m, s, x) for m, s in zip(naive_modules, specs)]
-        sm = search(problem, 0, config.smooth, config.smooth_grid, 0, config.svd, generator)
+        sm = search(
+            problem, 0, config.smooth, config.smooth_grid, 0, config.svd, generator, ranking
+        )
         sm_modules, _ = _w4a4_modules(problem, sm, specs, splits, config, False)
         smooth_only = [relative_error(m, s, x) for m, s in zip(sm_modules, specs)]
     seconds = (time.perf_counter() - start) / len(specs)

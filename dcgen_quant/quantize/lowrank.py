@@ -25,8 +25,8 @@ def randomized_svd(
     a: torch.Tensor,
     rank: int,
     generator: torch.Generator,
-    oversample: int = OVERSAMPLE,
-    power_iters: int = POWER_ITERS,
+    oversample: int | None = None,
+    power_iters: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``a`` by a seeded randomized range finder.
 
@@ -35,11 +35,14 @@ def randomized_svd(
     a : Tensor [N, K], float32
     rank : int, 1 <= rank <= min(N, K)
     generator : torch.Generator on a's device (makes the result reproducible)
+    oversample, power_iters : default :data:`OVERSAMPLE`, :data:`POWER_ITERS`
 
     Returns
     -------
     u : Tensor [N, rank] float32; s : Tensor [rank] float32; vh : Tensor [rank, K] float32
     """
+    oversample = OVERSAMPLE if oversample is None else oversample
+    power_iters = POWER_ITERS if power_iters is None else power_iters
     n, k = a.shape
     width = min(rank + oversample, n, k)
     omega = torch.randn(k, width, generator=generator, device=a.device, dtype=a.dtype)

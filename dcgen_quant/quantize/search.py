@@ -74,7 +74,7 @@ class GroupProblem:
     fmt, dtype : the 4-bit format and the layer's 16-bit dtype
     """
 
-    def __init__(self, weight, splits, x, fmt: str, dtype: torch.dtype):
+    def __init__(self, weight, splits, x, fmt: str, dtype: torch.dtype, x_absmax=None):
         self.weight = weight
         self.splits = list(splits)
         self.fmt, self.dtype = fmt, dtype
@@ -83,8 +83,24 @@ class GroupProblem:
         self.y_norm2 = [
             max(float(y.square().sum()), 1e-30) for y in self.y.split(self.splits, dim=1)
         ]
-        self.x_absmax = channel_absmax(self.x)
+        self.x_absmax = channel_absmax(self.x) if x_absmax is None else x_absmax
         self.w_absmax = weight.abs().amax(dim=0)
+        self._x_source = x
+
+    def subset(self, n: int, generator: torch.Generator) -> GroupProblem:
+        """The same problem on ``n`` uniformly chosen tokens (itself if it has no more).
+
+        The smoothing statistics stay those of all tokens, so every candidate's ``lambda`` is
+        the one the full problem would use.
+        """
+        t = self.x.shape[0]
+        if t <= n:
+            return self
+        keep = torch.randperm(t, generator=generator, device=generator.device)[:n]
+        keep = keep.sort().values.to(self.x.device)
+        return GroupProblem(
+            self.weight, self.splits, self._x_source[keep], self.fmt, self.dtype, self.x_absmax
+        )
 
     def quantize_residual(self, residual: torch.Tensor) -> torch.Tensor:
         """Each member's residual [N_i, K] 4-bit fake-quantized on its own, stacked: [N, K]."""
@@ -114,15 +130,20 @@ def search(
     lowrank_iters: int,
     svd: str,
     generator: torch.Generator,
+    ranking: GroupProblem | None = None,
 ) -> SearchResult:
     """Grid search over (alpha, beta) with the rank-``rank`` branch in place, then refinement.
 
-    ``rank=0`` searches smoothing alone; ``smooth=False`` tries only (0, 0). The generator drives
-    the randomized SVD (one seeded sketch per SVD, drawn in a fixed order: reproducible).
+    ``rank=0`` searches smoothing alone; ``smooth=False`` tries only (0, 0). The candidates are
+    ranked on ``ranking`` (a token subset of ``problem``, default ``problem`` itself); the
+    refinement runs on ``problem``. The generator drives the randomized SVD (one seeded sketch
+    per SVD, drawn in a fixed order: reproducible).
     """
     w = problem.weight
+    ranking = ranking or problem
     best: SearchResult | None = None
-    for alpha, beta in alpha_beta_candidates(grid, smooth):
+    candidates = alpha_beta_candidates(grid, smooth)
+    for alpha, beta in candidates:
         lam = smooth_factor(problem.x_absmax, problem.w_absmax, alpha, beta, problem.dtype)
         w_hat = w * lam
         pd = pu = None
@@ -130,7 +151,10 @@ def search(
         if rank > 0:
             pd, pu = lowrank_factors(w_hat, lam, rank, problem.dtype, svd, generator)
             residual = w_hat - lowrank_weight(pd, pu, lam)
-        obj = problem.objective(lam, pd, pu, problem.quantize_residual(residual))
+        if len(candidates) == 1 and rank == 0:
+            obj = float("nan")  # nothing to rank, and no refinement follows
+        else:
+            obj = ranking.objective(lam, pd, pu, problem.quantize_residual(residual))
         if best is None or obj < best.objective:
             best = SearchResult(alpha, beta, lam, pd, pu, residual, obj, 1 if rank else 0)
     assert best is not None
@@ -141,6 +165,8 @@ def search(
     lam = best.smooth
     w_hat = w * lam
     residual_q = problem.quantize_residual(best.residual)
+    if ranking is not problem:
+        best.objective = problem.objective(lam, best.proj_down, best.proj_up, residual_q)
     for _ in range(lowrank_iters):
         pd, pu = lowrank_factors(w_hat - residual_q, lam, rank, problem.dtype, svd, generator)
         residual = w_hat - lowrank_weight(pd, pu, lam)

@@ -15,6 +15,7 @@ calibration data; a state_dir written for anything else is refused.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from pathlib import Path
@@ -94,10 +95,21 @@ class RunState:
     def load(self) -> dict[str, Any] | None:
         """The saved progress, None for a new run; ValueError if it belongs to another run."""
         if not self.progress_path.exists():
-            if self.dir.exists() and any(self.dir.iterdir()):
+            # leftovers of a run killed before its first block finished are fine; anything
+            # else means the directory is not ours
+            foreign = [
+                p.name
+                for p in (self.dir.iterdir() if self.dir.is_dir() else [])
+                if not (
+                    p.name.startswith(".")
+                    or fnmatch.fnmatch(p.name, "block-*.safetensors")
+                    or fnmatch.fnmatch(p.name, "inputs-*.pt")
+                )
+            ]
+            if foreign:
                 raise ValueError(
-                    f"state_dir {self.dir} is not empty but holds no progress.json; "
-                    "use an empty or new directory"
+                    f"state_dir {self.dir} holds no progress.json but other files "
+                    f"({', '.join(sorted(foreign)[:3])}); use an empty or new directory"
                 )
             return None
         try:

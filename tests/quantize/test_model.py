@@ -97,6 +97,7 @@ def test_sana_end_to_end_with_pointwise_convs():
     assert 0 < err < 0.08 and err < 0.75 * err_rtn
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
     config = QuantConfig(**CHEAP)
     full = tiny_flux()
