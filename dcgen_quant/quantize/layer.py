@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..formats import QuantizedWeight, get_format, quantize_weight
+from ..formats import QuantizedWeight, dequantize_weight, get_format, quantize_weight
 from ..nn import SVDQConv1x1, SVDQLinear, W4A16Conv1x1, W4A16Linear
 from .config import QuantConfig
 from .gptq import gptq_quantize, hessian
@@ -198,7 +198,6 @@ def _quantize_residuals(problem, result: SearchResult, splits, config, use_gptq:
         gptq_quantize(p, h, config.format, config.dtype, config.gptq_damp, config.gptq_block)
         for p in parts
     ]
-    from ..formats import dequantize_weight
 
     def objective(qws):
         rq = torch.cat([dequantize_weight(q) for q in qws], dim=0)

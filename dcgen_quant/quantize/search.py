@@ -4,9 +4,11 @@ Given the concatenated weight ``W`` [N, K] of the group and calibration inputs `
 
 1. for every (alpha, beta) candidate (smoothing.py): ``lambda``, ``W_hat = W diag(lambda)``,
    the rank-r branch from one SVD of ``W_hat``, the residual ``R = W_hat - L`` quantized per
-   member, and the group's output error on ``X``;
-2. for the best candidate, iterative refinement of the branch: ``L <- SVD_r(W_hat - Q(W_hat - L))``
-   while the output error keeps falling (at most ``lowrank_iters`` steps).
+   member, and the group's output error on a uniform subset of ``X``
+   (``QuantConfig.search_tokens``; ``lambda`` itself always uses the statistics of all of X);
+2. for the best candidate, iterative refinement of the branch on all of ``X``:
+   ``L <- SVD_r(W_hat - Q(W_hat - L))`` while the output error keeps falling (at most
+   ``lowrank_iters`` steps).
 
 The error simulated here is the runtime's: activations rounded to the layer dtype, divided by the
 dtype-rounded ``lambda`` and quantized per token and group; factors rounded to the dtype (the
