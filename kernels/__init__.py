@@ -51,22 +51,32 @@ LAYOUTS = (CANONICAL, "split_halves")
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
 MAX_RANK = 256
 
-# Kernel modules in dependency order (helpers first), for rebuilding after a mode change.
-_MODULES = (
-    "numerics",
-    "gemm_epilogue",
-    "act_quant",
-    "gemm_int4",
-    "gemm_nvfp4",
-    "gemm_weight_only",
-    "flash_attn",
-    "flash_attn_8bit",
-)
+
+
+def _mode_mismatch() -> str | None:
+    """Triton fixes interpreter vs compiled mode when ``triton.language`` is first imported (its
+    own ``@triton.jit`` helpers are built then); a later change of TRITON_INTERPRET cannot
+    take effect in this process."""
+    language = sys.modules.get("triton.language")
+    if language is None:
+        return None
+    from triton.runtime.interpreter import InterpretedFunction
+
+    built_interpreted = isinstance(language.standard.zeros, InterpretedFunction)
+    if built_interpreted != capabilities.triton_interpret():
+        now = "set" if capabilities.triton_interpret() else "unset"
+        return (
+            f"TRITON_INTERPRET is {now} now but was not when triton was first imported in this "
+            "process; set it before anything imports triton"
+        )
+    return None
 
 
 def unavailable_reason() -> str | None:
     """None if the Triton kernels can run here, else a sentence saying what is missing."""
     if reason := capabilities.triton_unavailable():
+        return reason
+    if reason := _mode_mismatch():
         return reason
     if capabilities.triton_interpret():
         return None
@@ -89,10 +99,9 @@ def preferred_layout(fmt: str) -> str:
 
 
 def _kernel_module(name: str):
-    """Import kernels/<name>.py, built for the current mode (jit or interpreter).
+    """Import kernels/<name>.py; its kernels must be built for the current mode.
 
     ``@triton.jit`` decides at decoration time whether a kernel runs compiled or interpreted.
-    If TRITON_INTERPRET changed since the kernel modules were imported, rebuild them all.
     """
     from dcgen_quant.ops import BackendUnsupported
 
@@ -100,10 +109,10 @@ def _kernel_module(name: str):
         raise BackendUnsupported(reason)
     module = importlib.import_module(f"{__name__}.{name}")
     if module.INTERPRETED != capabilities.triton_interpret():
-        for dep in _MODULES:
-            if f"{__name__}.{dep}" in sys.modules:
-                importlib.reload(sys.modules[f"{__name__}.{dep}"])
-        module = sys.modules[f"{__name__}.{name}"]
+        raise BackendUnsupported(
+            f"kernels/{name}.py was imported with TRITON_INTERPRET "
+            f"{'set' if module.INTERPRETED else 'unset'}; it cannot change within a process"
+        )
     return module
 
 
