@@ -22,8 +22,9 @@ aot.py              ahead-of-time compilation for a GPU that is not present (PTX
 ==================  ==========================================================================
 
 Kernel files are named apart from the op functions (a submodule import would otherwise shadow
-the function of the same name on this package). Importing this package does not import triton: the kernel files are imported on first use, so
-``unavailable_reason()`` can explain what is missing on a machine without triton.
+the function of the same name on this package). Importing this package does not import triton:
+the kernel files are imported on first use, so ``unavailable_reason()`` can explain what is
+missing on a machine without triton.
 """
 
 from __future__ import annotations
@@ -48,9 +49,8 @@ __all__ = [
 ]
 
 LAYOUTS = (CANONICAL, "split_halves")
-ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 128  # any D up to this; non-powers of two are padded (e.g. SANA's 112)
 MAX_RANK = 256
-
 
 
 def _mode_mismatch() -> str | None:
@@ -108,7 +108,7 @@ def _kernel_module(name: str):
     if reason := unavailable_reason():
         raise BackendUnsupported(reason)
     module = importlib.import_module(f"{__name__}.{name}")
-    if module.INTERPRETED != capabilities.triton_interpret():
+    if capabilities.triton_interpret() != module.INTERPRETED:
         raise BackendUnsupported(
             f"kernels/{name}.py was imported with TRITON_INTERPRET "
             f"{'set' if module.INTERPRETED else 'unset'}; it cannot change within a process"
@@ -228,10 +228,9 @@ def gemm_w4a16(x, qweight, wscales, bias, wtscale, fmt, layout=CANONICAL):
 def _check_attention(op: str, q) -> bool:
     from dcgen_quant.ops import BackendUnsupported
 
-    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise BackendUnsupported(
-            f"{op}: head dim D={q.shape[-1]} is not supported; expected one of "
-            f"{ATTENTION_HEAD_DIMS}"
+            f"{op}: head dim D={q.shape[-1]} is not supported; expected 1 <= D <= {MAX_HEAD_DIM}"
         )
     return True
 
@@ -242,7 +241,8 @@ def attention(q, k, v, scale):
     Parameters
     ----------
     q : Tensor [B, H, S_q, D]; k, v : Tensor [B, H, S_kv, D]; bfloat16 / float16 / float32;
-    D in 16, 32, 64, 128; scale : float or None (1/sqrt(D))
+    D <= 128 (64 and 128 are the tuned cases; others are padded to a power of two);
+    scale : float or None (1/sqrt(D))
 
     Returns
     -------
@@ -268,7 +268,8 @@ def attention_8bit(q, k, v, scale=None):
     -------
     o : Tensor [B, H, S_q, D], q.dtype
     """
-    from dcgen_quant.ops import BackendUnsupported, _check_attention as check_args
+    from dcgen_quant.ops import BackendUnsupported
+    from dcgen_quant.ops import _check_attention as check_args
 
     check_args(q, k, v)
     interpret = _check_devices("attention_8bit", q, k, v)

@@ -42,7 +42,7 @@ def _as_dot_operand(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """float32 -> the 16-bit dot operand dtype, rounded to nearest even (float32 holding the
     rounded values in the interpreter)."""
     if INTERPRET:
-        if DTYPE == tl.bfloat16:
+        if tl.bfloat16 == DTYPE:
             return round_to_bf16(x)
         else:
             return x.to(DTYPE).to(tl.float32)
@@ -70,7 +70,7 @@ def _attention_kernel(
     b = bh // H
     h = bh % H
     DTYPE: tl.constexpr = q_ptr.dtype.element_ty
-    FP32: tl.constexpr = DTYPE == tl.float32
+    FP32: tl.constexpr = tl.float32 == DTYPE
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rm_safe = tl.where(rm < S_q, rm, 0) if not EVEN_M else rm
@@ -123,7 +123,7 @@ def _attention_kernel(
             acc = tl.dot(_as_dot_operand(p, DTYPE, INTERPRET), v, acc * alpha[:, None])
         m_i = m_new
 
-    out = to_output(acc / l_i[:, None], DTYPE == tl.bfloat16, INTERPRET)
+    out = to_output(acc / l_i[:, None], tl.bfloat16 == DTYPE, INTERPRET)
     o_ptrs = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
     o_ptrs = o_ptrs + rm[:, None].to(tl.int64) * so_s + d[None, :] * so_d
     tl.store(o_ptrs, out.to(DTYPE), mask=(rm < S_q)[:, None] & d_mask[None, :])

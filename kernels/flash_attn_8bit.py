@@ -176,7 +176,7 @@ def _attention_8bit_kernel(
     vm = tl.load(vmean_ptr + bh * HEAD_DIM + d)
     out = acc * vs[None, :] / (l_i[:, None] * P_SCALE) + vm[None, :]
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
-    out = to_output(out, DTYPE == tl.bfloat16, INTERPRET)
+    out = to_output(out, tl.bfloat16 == DTYPE, INTERPRET)
     o_ptrs = o_ptr + b * so_b + h * so_h + rm[:, None].to(tl.int64) * so_s + d[None, :] * so_d
     tl.store(o_ptrs, out.to(DTYPE), mask=(rm < S_q)[:, None])
 

@@ -49,7 +49,7 @@ def _operand(v, X_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _dot(a, b, acc, X_DTYPE: tl.constexpr):
     """acc + a @ b in float32; float32 operands use the exact ("ieee") path, not TF32."""
-    if X_DTYPE == tl.float32:
+    if tl.float32 == X_DTYPE:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from dcgen_quant.capabilities import triton_interpret
-from triton.language.extra import libdevice
 
 # Scale dtype codes passed to kernels as a constexpr.
 SCALE_BF16 = 0
@@ -129,7 +129,7 @@ def e2m1_value(nibble):
 
 @triton.jit
 def int4_low(b):
-    """Packed bytes (uint8) -> signed INT4 of the low nibbles as int8 (shift up, arithmetic down)."""
+    """Packed bytes (uint8) -> signed INT4 of the low nibbles, int8 (shift up, shift down)."""
     return (b.to(tl.int8, bitcast=True) << 4) >> 4
 
 

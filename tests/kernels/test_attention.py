@@ -57,20 +57,28 @@ def test_attention(s_q, s_kv, d, dtype, device):
     )  # fmt: skip
 
 
-def test_attention_strided_scale_float32_and_head_dim_32(device):
-    # diffusers hands over [B, S, H, D] tensors transposed to [B, H, S, D] (non-contiguous)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, s, 3, 32, generator=g).transpose(1, 2) for s in (50, 21, 21))
+@pytest.mark.parametrize("d", [32, 112])
+def test_attention_strided_scale_float32_and_other_head_dims(d, device):
+    # diffusers hands over [B, S, H, D] tensors transposed to [B, H, S, D] (non-contiguous);
+    # D = 112 (SANA's cross-attention) is padded to 128 inside the kernel
+    g = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(2, s, 3, d, generator=g).transpose(1, 2) for s in (50, 21, 21))
     assert not q.is_contiguous()
     o = kernels.attention(*on(device, q, k, v), 0.3).cpu()
     truth = truth64(q, k, v, 0.3)
     baseline = ops.attention_reference(q, k, v, 0.3)
-    assert_within_reference_error(o, baseline, truth, "attention float32 strided D=32")
+    assert_within_reference_error(o, baseline, truth, f"attention float32 strided D={d}")
+    o16 = kernels.attention(*on(device, q.bfloat16(), k.bfloat16(), v.bfloat16()), 0.3).cpu()
+    q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    assert_within_reference_error(
+        o16, same_precision_reference(q16, k16, v16, 0.3), truth64(q16, k16, v16, 0.3),
+        f"attention bf16 strided D={d}",
+    )  # fmt: skip
 
 
 def test_attention_unsupported_head_dim_raises(device):
-    q = torch.zeros(1, 1, 4, 80, device=device, dtype=torch.bfloat16)
-    with pytest.raises(ops.BackendUnsupported, match="head dim D=80"):
+    q = torch.zeros(1, 1, 4, 192, device=device, dtype=torch.bfloat16)
+    with pytest.raises(ops.BackendUnsupported, match="head dim D=192"):
         kernels.attention(q, q, q, None)
 
 

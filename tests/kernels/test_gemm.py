@@ -151,9 +151,10 @@ def test_gemm_w4a16_strided_activations(device):
     qw = quantize_weight(torch.randn(72, 256, generator=g), "int4", torch.bfloat16)
     y = kernels.gemm_w4a16(*on(device, x, qw.qweight, qw.wscales), None, None, "int4").cpu()
     baseline = ops.gemm_w4a16_reference(x, qw.qweight, qw.wscales, None, None, "int4")
-    truth = x.double() @ ops._dequantize_weight_no_tensor_scale(
-        qw.qweight, qw.wscales, "int4"
-    ).double().t()
+    truth = (
+        x.double()
+        @ ops._dequantize_weight_no_tensor_scale(qw.qweight, qw.wscales, "int4").double().t()
+    )
     assert_within_reference_error(y, baseline, truth, "w4a16 column-major x")
 
 

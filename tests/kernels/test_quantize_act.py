@@ -115,7 +115,9 @@ def test_quantize_act_strided_input_and_rank_16(device):
     strided = wide[:, ::2]  # stride (512, 2)
     assert not strided.is_contiguous()
     for fmt in FMTS:
-        q, s = assert_bit_exact(strided, smooth, down, fmt, "split_halves", f"{fmt} strided", device)
+        q, s = assert_bit_exact(
+            strided, smooth, down, fmt, "split_halves", f"{fmt} strided", device
+        )
         q2, s2, _ = kernels.quantize_act(*on(device, x, smooth, down), fmt, "split_halves")
         assert torch.equal(q, q2.cpu())
 
