@@ -10,7 +10,12 @@ compiler cannot take.
 So :func:`jit_module` imports a private copy of a kernel file with the interpreter switched off
 (a separate module object; the real ``dcgen_quant.kernels`` modules are left as they are), and
 :data:`CASES` lists, per kernel, its argument types and the constexprs of one representative
-launch. ``python -m dcgen_quant.kernels.aot --arch 90`` prints the tensor instructions found.
+launch. ``python -m dcgen_quant.kernels.aot --arch 90`` prints the tensor instructions found
+(``--json`` for a machine-readable list, ``--ptx-dir`` to keep the PTX).
+
+Compile in a process that has not run kernels in the interpreter: the interpreter patches
+``triton.language`` while it runs, and the compiler can then fail on the patched builtins
+(seen with triton 3.9). The tests therefore call this module's CLI in a subprocess.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import functools
 import importlib
 import importlib.machinery
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -186,14 +192,33 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="e.g. 90, 100, 120 (repeat)")
     parser.add_argument("--case", action="append", choices=sorted(CASES))
+    parser.add_argument(
+        "--pair", action="append", default=[], help="CASE@ARCH, e.g. gemm_int4@90 (repeat)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON list of results")
+    parser.add_argument("--ptx-dir", help="also write <case>_sm<arch>.ptx files here")
     args = parser.parse_args(argv)
-    for arch in args.arch or [90]:
-        for name in args.case or sorted(CASES):
-            try:
-                found = tensor_instructions(compile_case(name, arch))
-            except Exception as exc:  # report and go on: one case failing must not hide others
-                found = [f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]
-            print(f"sm_{arch} {name}: {', '.join(found) or '(no MMA instruction)'}")
+    pairs = [(p.split("@")[0], int(p.split("@")[1])) for p in args.pair]
+    if not pairs or args.arch or args.case:
+        pairs += [(n, a) for a in args.arch or [90] for n in args.case or sorted(CASES)]
+    results = []
+    for name, arch in pairs:
+        result = {"case": name, "arch": arch, "instructions": [], "error": None}
+        try:
+            ptx = compile_case(name, arch)
+            result["instructions"] = tensor_instructions(ptx)
+            if args.ptx_dir:
+                os.makedirs(args.ptx_dir, exist_ok=True)
+                with open(os.path.join(args.ptx_dir, f"{name}_sm{arch}.ptx"), "w") as fh:
+                    fh.write(ptx)
+        except Exception as exc:  # report and go on: one case failing must not hide others
+            result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        results.append(result)
+        if not args.json:
+            found = result["error"] or ", ".join(result["instructions"]) or "(no MMA instruction)"
+            print(f"sm_{arch} {name}: {found}")
+    if args.json:
+        print(json.dumps(results))
     return 0
 
 

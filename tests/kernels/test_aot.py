@@ -1,9 +1,16 @@
 """Ahead-of-time compiles without a GPU: each kernel lowers to the intended tensor-core
-instructions for its target architecture (asserted on the PTX)."""
+instructions for its target architecture (asserted on the PTX).
+
+The compiles run in one subprocess (``python -m dcgen_quant.kernels.aot``) with the interpreter
+off: a process that has run interpreted kernels cannot compile reliably (kernels/aot.py)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -26,17 +33,25 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case,arch,pattern,what", CASES)
-def test_kernel_emits_intended_instruction(case, arch, pattern, what):
-    found = aot.tensor_instructions(aot.compile_case(case, arch))
-    assert any(re.search(pattern, ins) for ins in found), f"{what}: sm_{arch} PTX has {found}"
-
-
-def test_quantize_act_uses_ieee_division_and_rint():
-    # bit-exactness with the reference needs correctly rounded division and RNE rounding
-    ptx = aot.compile_case("quantize_act_int4", 90)
-    assert "div.rn.f32" in ptx
-    assert "cvt.rni.f32.f32" in ptx
+def test_kernels_emit_intended_instructions(tmp_path):
+    pairs = sorted({f"{case}@{arch}" for case, arch, _, _ in CASES} | {"quantize_act_int4@90"})
+    cmd = [sys.executable, "-m", "dcgen_quant.kernels.aot", "--json", "--ptx-dir", str(tmp_path)]
+    cmd += [arg for pair in pairs for arg in ("--pair", pair)]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {f"{r['case']}@{r['arch']}": r for r in json.loads(proc.stdout.splitlines()[-1])}
+    failures = []
+    for case, arch, pattern, what in CASES:
+        r = results[f"{case}@{arch}"]
+        if r["error"] or not any(re.search(pattern, i) for i in r["instructions"]):
+            failures.append(f"{what}: sm_{arch} gave {r['error'] or r['instructions']}")
+    # bit-exact quantization needs IEEE division and round-to-nearest-even on the GPU too
+    ptx = (tmp_path / "quantize_act_int4_sm90.ptx").read_text()
+    for needed in ("div.rn.f32", "cvt.rni.f32.f32"):
+        if needed not in ptx:
+            failures.append(f"quantize_act sm_90 PTX lacks {needed}")
+    assert not failures, "\n".join(failures)
 
 
 def test_compile_kernel_names_missing_constexprs():
