@@ -179,9 +179,65 @@ CASES = {
 }  # fmt: skip
 
 
+def _variant(base: str, sig: dict | None = None, warps=None, stages=None, **constexprs) -> Case:
+    case = CASES[base]
+    return Case(case.module, case.kernel, {**case.signature, **(sig or {})},
+                {**case.constexprs, **constexprs}, warps or case.num_warps,
+                stages or case.num_stages)  # fmt: skip
+
+
+_Q8_SIG = {"x_ptr": "*bf16", "mean_ptr": "*fp32", "out_ptr": "*i8", "scale_ptr": "*fp32",
+           "S": "i32", "H": "i32", "extra_scale": "fp32",
+           **{f"sx_{a}": "i32" for a in "bhsd"}}  # fmt: skip
+
+# Other specializations the launchers use (ragged tiles, other formats, dtypes and layouts):
+# compiled by the tests for sm_90 and sm_120 to catch errors that only a GPU build would show.
+VARIANTS = {
+    "gemm_int4_ragged_no_lora": _variant("gemm_int4", HAS_LORA=False, HAS_BIAS=False,
+                                         EVEN_M=False, EVEN_N=False, OUT_BF16=False,
+                                         BLOCK_M=16, BLOCK_N=128, warps=4, stages=3),
+    "gemm_nvfp4_native_small": _variant("gemm_nvfp4_native", BLOCK_M=16, BLOCK_N=64,
+                                        EVEN_M=False, EVEN_N=False, EVEN_K=False),
+    "gemm_nvfp4_upcast_ragged": _variant("gemm_nvfp4_upcast", EVEN_M=False, EVEN_K=False,
+                                         HAS_LORA=False, sig={"y_ptr": "*fp16"}),
+    "gemm_w4a16_nvfp4_fp16": _variant("gemm_w4a16_int4", IS_NVFP4=True, SPLIT_HALVES=False,
+                                      EVEN_K=False, OUT_BF16=False, BLOCK_M=16, BLOCK_K=128,
+                                      sig={"x_ptr": "*fp16", "y_ptr": "*fp16",
+                                           "wscales_ptr": "*fp8e4nv"}),
+    "gemm_w4a16_int4_fp32": _variant("gemm_w4a16_int4", OUT_BF16=False, EVEN_M=False,
+                                     sig={"x_ptr": "*fp32", "y_ptr": "*fp32",
+                                          "wscales_ptr": "*fp32"}),
+    "quantize_act_nvfp4_canonical": _variant("quantize_act_int4", GROUP=16, IS_NVFP4=True,
+                                             SPLIT_HALVES=False, BLOCK_K=256,
+                                             sig={"scales_ptr": "*fp8e4nv"}),
+    "quantize_act_int4_fp16_fp32dot": _variant("quantize_act_int4", SCALE_KIND=1, DOT16=False,
+                                               HAS_SMOOTH=False, BLOCK_M=16,
+                                               sig={"x_ptr": "*fp16", "scales_ptr": "*fp16",
+                                                    "down_ptr": "*fp32"}),
+    "attention_fp16_d64_ragged": _variant("attention", HEAD_DIM=64, BLOCK_D=64, EVEN_M=False,
+                                          BLOCK_M=64, BLOCK_N=64, warps=4,
+                                          sig={t: "*fp16" for t in ("q_ptr", "k_ptr", "v_ptr",
+                                                                    "o_ptr")}),
+    "attention_d112_padded": _variant("attention", HEAD_DIM=112, BLOCK_D=128),
+    "attention_fp32": _variant("attention", HEAD_DIM=64, BLOCK_D=64, BLOCK_M=64, BLOCK_N=32,
+                               warps=4, stages=2,
+                               sig={t: "*fp32" for t in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}),
+    "attention_8bit_d64": _variant("attention_8bit", HEAD_DIM=64, EVEN_M=False, BLOCK_M=64,
+                                   warps=4),
+    "attention_8bit_quantize_qk": Case("flash_attn_8bit", "_quantize_rows_int8_kernel", _Q8_SIG,
+                                       {"HEAD_DIM": 128, "CENTER": True, "INTERPRET": False,
+                                        "BLOCK_S": 128}),
+    "attention_8bit_quantize_v": Case("flash_attn_8bit", "_quantize_v_fp8_kernel",
+                                      {"v_ptr": "*bf16", "vmean_ptr": "*fp32",
+                                       "vscale_ptr": "*fp32", "out_ptr": "*fp8e4nv", "S": "i32",
+                                       "H": "i32", **{f"sv_{a}": "i32" for a in "bhsd"}},
+                                      {"HEAD_DIM": 128, "INTERPRET": False, "BLOCK_S": 128}),
+}  # fmt: skip
+
+
 def compile_case(name: str, arch: int) -> str:
-    """PTX of :data:`CASES` ``[name]`` compiled for ``sm_<arch>``."""
-    case = CASES[name]
+    """PTX of :data:`CASES` or :data:`VARIANTS` ``[name]`` compiled for ``sm_<arch>``."""
+    case = CASES.get(name) or VARIANTS[name]
     kernel = getattr(jit_module(case.module), case.kernel)
     asm = compile_kernel(kernel, case.signature, case.constexprs, arch, case.num_warps,
                          case.num_stages)  # fmt: skip
@@ -191,7 +247,7 @@ def compile_case(name: str, arch: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="e.g. 90, 100, 120 (repeat)")
-    parser.add_argument("--case", action="append", choices=sorted(CASES))
+    parser.add_argument("--case", action="append", choices=sorted({**CASES, **VARIANTS}))
     parser.add_argument(
         "--pair", action="append", default=[], help="CASE@ARCH, e.g. gemm_int4@90 (repeat)"
     )

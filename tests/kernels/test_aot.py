@@ -1,5 +1,6 @@
 """Ahead-of-time compiles without a GPU: each kernel lowers to the intended tensor-core
-instructions for its target architecture (asserted on the PTX).
+instructions for its target architecture (asserted on the PTX), and every other specialization
+the launchers use compiles for sm_90 and sm_120.
 
 The compiles run in one subprocess (``python -m dcgen_quant.kernels.aot``) with the interpreter
 off: a process that has run interpreted kernels cannot compile reliably (kernels/aot.py)."""
@@ -34,17 +35,19 @@ CASES = [
 
 
 def test_kernels_emit_intended_instructions(tmp_path):
-    pairs = sorted({f"{case}@{arch}" for case, arch, _, _ in CASES} | {"quantize_act_int4@90"})
+    pairs = {f"{case}@{arch}" for case, arch, _, _ in CASES} | {"quantize_act_int4@90"}
+    # the other specializations the launchers use must compile for both GPU families
+    pairs = sorted(pairs | {f"{v}@{a}" for v in aot.VARIANTS for a in (90, 120)})
     cmd = [sys.executable, "-m", "dcgen_quant.kernels.aot", "--json", "--ptx-dir", str(tmp_path)]
     cmd += [arg for pair in pairs for arg in ("--pair", pair)]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {f"{r['case']}@{r['arch']}": r for r in json.loads(proc.stdout.splitlines()[-1])}
-    failures = []
+    failures = [f"{k}: {r['error']}" for k, r in results.items() if r["error"]]
     for case, arch, pattern, what in CASES:
         r = results[f"{case}@{arch}"]
-        if r["error"] or not any(re.search(pattern, i) for i in r["instructions"]):
+        if not any(re.search(pattern, i) for i in r["instructions"]):
             failures.append(f"{what}: sm_{arch} gave {r['error'] or r['instructions']}")
     # bit-exact quantization needs IEEE division and round-to-nearest-even on the GPU too
     ptx = (tmp_path / "quantize_act_int4_sm90.ptx").read_text()

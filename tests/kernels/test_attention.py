@@ -112,7 +112,9 @@ def attention_8bit_emulation(q, k, v, scale):
 
 
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("s_q,s_kv", [(1, 333), (77, 77), (333, 333)])
+@pytest.mark.parametrize(
+    "s_q,s_kv", [(1, 333), (77, 77), pytest.param(333, 333, marks=pytest.mark.slow)]
+)
 def test_attention_8bit(s_q, s_kv, d, device, record_property):
     q, k, v = qkv(1, 2, s_q, s_kv, d, torch.bfloat16, seed=d + s_q, key_offset=2.0)
     q_, k_, v_ = on(device, q, k, v)

@@ -16,7 +16,13 @@ pytestmark = pytest.mark.interpreter
 
 FMTS = ["int4", "nvfp4"]
 # (M, N, K, r): every M in {1, 3, 97, 256}, N in {64, 192, 3072}, K in {64, 128, 3072}
-SHAPES = [(1, 64, 64, 32), (3, 192, 128, 0), (97, 3072, 128, 32), (256, 192, 3072, 8)]
+SLOW = pytest.mark.slow
+SHAPES = [
+    (1, 64, 64, 32),
+    (3, 192, 128, 0),
+    (97, 3072, 128, 32),
+    pytest.param(256, 192, 3072, 8, marks=SLOW),
+]
 
 
 def on(device, *tensors):
@@ -119,7 +125,7 @@ def test_gemm_nvfp4_native_dot_scaled_path(device):
 W4A16_CASES = [  # (M, N, K, dtype, layout)
     (1, 3072, 64, torch.bfloat16, "split_halves"),
     (3, 64, 128, torch.float16, CANONICAL),
-    (97, 192, 3072, torch.bfloat16, CANONICAL),
+    pytest.param(97, 192, 3072, torch.bfloat16, CANONICAL, marks=SLOW),
     (256, 64, 128, torch.float32, "split_halves"),
 ]
 
