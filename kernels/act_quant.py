@@ -13,9 +13,11 @@ high-nibble elements (split_halves: two contiguous half-groups; canonical: one
 amax is the max over both tiles. The same unsmoothed tiles feed ``lora_act += x @ lora_down``
 (two dots, one per nibble half, against the matching rows of lora_down).
 
-Bit-exactness (formats/int4.py, formats/nvfp4.py): the smoothing division, ``amax / 7`` or
-``amax / 6`` and ``x / scale`` use correctly rounded division (``div_rn``); scales are rounded
-with the exact helpers of numerics.py; codes round half to even. Scales are stored as
+Bit-exactness (formats/int4.py, formats/nvfp4.py): the smoothing division and ``amax / 7`` or
+``amax / 6`` use correctly rounded division (``div_rn``); ``x / scale`` multiplies by the group's
+correctly rounded reciprocal and applies Markstein's FMA correction (numerics.div_by_reciprocal),
+which gives the IEEE quotient wherever it can affect a code; scales are rounded with the exact
+helpers of numerics.py; codes round half to even. Scales are stored as
 [M, K/G] (x.dtype for INT4, float8 E4M3 for NVFP4), codes as [M, K/2] uint8.
 """
 
@@ -34,10 +36,13 @@ from .numerics import (
     SCALE_BF16,
     SCALE_FP16,
     SCALE_FP32,
+    cast_to,
+    div_by_reciprocal,
     e2m1_code,
     rint,
     round_to_e4m3,
     round_to_scale_dtype,
+    to_f32,
 )
 
 _SCALE_KIND = {torch.bfloat16: SCALE_BF16, torch.float16: SCALE_FP16, torch.float32: SCALE_FP32}
@@ -47,7 +52,7 @@ INTERPRETED = triton_interpret()  # how this module's kernels were built (jit vs
 
 @triton.jit
 def _lora_partial(acc, x_half, down_ptr, k_rows, R, stride_dk, stride_dr, k_mask,
-                  BLOCK_R: tl.constexpr, DOT16: tl.constexpr):  # fmt: skip
+                  BLOCK_R: tl.constexpr, DOT16: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """acc[BM, BLOCK_R] += x_half[BM, GK] @ lora_down[k_rows, :R] with float32 accumulation."""
     r = tl.arange(0, BLOCK_R)
     d_ptrs = down_ptr + k_rows[:, None] * stride_dk + r[None, :] * stride_dr
@@ -56,7 +61,8 @@ def _lora_partial(acc, x_half, down_ptr, k_rows, R, stride_dk, stride_dr, k_mask
         # same 16-bit dtype on both sides: exact products, float32 accumulation
         return tl.dot(x_half, down, acc)
     else:
-        return tl.dot(x_half.to(tl.float32), down.to(tl.float32), acc, input_precision="ieee")
+        x32 = to_f32(x_half, INTERPRET)
+        return tl.dot(x32, to_f32(down, INTERPRET), acc, input_precision="ieee")
 
 
 @triton.jit
@@ -114,17 +120,21 @@ def _quantize_act_kernel(
 
         if HAS_LORA:
             k_mask = (k0 + lo1) < K
-            lora = _lora_partial(lora, tl.reshape(x_lo, (BLOCK_M, GK)), down_ptr, k0 + lo1, R,
-                                 stride_dk, stride_dr, k_mask, BLOCK_R, DOT16)  # fmt: skip
-            lora = _lora_partial(lora, tl.reshape(x_hi, (BLOCK_M, GK)), down_ptr, k0 + hi1, R,
-                                 stride_dk, stride_dr, k_mask, BLOCK_R, DOT16)  # fmt: skip
+            lora = _lora_partial(
+                lora, tl.reshape(x_lo, (BLOCK_M, GK)), down_ptr, k0 + lo1, R, stride_dk,
+                stride_dr, k_mask, BLOCK_R, DOT16, INTERPRET,
+            )  # fmt: skip
+            lora = _lora_partial(
+                lora, tl.reshape(x_hi, (BLOCK_M, GK)), down_ptr, k0 + hi1, R, stride_dk,
+                stride_dr, k_mask, BLOCK_R, DOT16, INTERPRET,
+            )  # fmt: skip
 
-        xs_lo = x_lo.to(tl.float32)
-        xs_hi = x_hi.to(tl.float32)
+        xs_lo = to_f32(x_lo, INTERPRET)
+        xs_hi = to_f32(x_hi, INTERPRET)
         if HAS_SMOOTH:
             smask = gidx3 < n_groups
-            s_lo = tl.load(smooth_ptr + k_lo3, mask=smask, other=1.0).to(tl.float32)
-            s_hi = tl.load(smooth_ptr + k_hi3, mask=smask, other=1.0).to(tl.float32)
+            s_lo = to_f32(tl.load(smooth_ptr + k_lo3, mask=smask, other=1.0), INTERPRET)
+            s_hi = to_f32(tl.load(smooth_ptr + k_hi3, mask=smask, other=1.0), INTERPRET)
             xs_lo = tl.math.div_rn(xs_lo, s_lo)
             xs_hi = tl.math.div_rn(xs_hi, s_hi)
 
@@ -137,17 +147,32 @@ def _quantize_act_kernel(
             # bs = e4m3(min(amax / 6, 448)); v = x / bs, or x * 0 where bs == 0
             bs = round_to_e4m3(tl.minimum(tl.math.div_rn(amax, 6.0), 448.0), INTERPRET)
             tl.store(s_ptrs, bs.to(scales_ptr.dtype.element_ty), mask=mask2)
-            d = bs[:, :, None]
-            safe = tl.where(d > 0, d, 1.0)
-            c_lo = e2m1_code(tl.where(d > 0, tl.math.div_rn(xs_lo, safe), xs_lo * 0.0))
-            c_hi = e2m1_code(tl.where(d > 0, tl.math.div_rn(xs_hi, safe), xs_hi * 0.0))
+            # |x| / bs by a per-group reciprocal (bs is 0 or in [2**-9, 448], so 1/bs is
+            # normal); tiny |x| can only give magnitude code 0 either way. The sign bit is x's:
+            # sign(x / bs) and sign(x * 0) both equal it, -0.0 included.
+            d = tl.where(bs > 0, bs, 1.0)
+            r = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d)[:, :, None]
+            d = d[:, :, None]
+            nz = (bs > 0)[:, :, None]
+            a_lo = tl.where(nz, tl.abs(div_by_reciprocal(xs_lo, d, r)), 0.0)
+            a_hi = tl.where(nz, tl.abs(div_by_reciprocal(xs_hi, d, r)), 0.0)
+            c_lo = e2m1_code(a_lo, xs_lo)
+            c_hi = e2m1_code(a_hi, xs_hi)
         else:
             # scale = dtype(amax / 7); code = clamp(rne(x / scale), -8, 7), divisor 1 if scale == 0
             s = round_to_scale_dtype(tl.math.div_rn(amax, 7.0), SCALE_KIND)
-            tl.store(s_ptrs, s.to(scales_ptr.dtype.element_ty), mask=mask2)
-            d = tl.where(s == 0.0, 1.0, s)[:, :, None]
-            v_lo = rint(tl.math.div_rn(xs_lo, d), INTERPRET)
-            v_hi = rint(tl.math.div_rn(xs_hi, d), INTERPRET)
+            tl.store(s_ptrs, cast_to(s, scales_ptr.dtype.element_ty, INTERPRET), mask=mask2)
+            # x / scale by a per-group reciprocal. Groups with a tiny scale are first scaled by
+            # 2**64 (exact) so that x, the scale and the residual stay normal; in the others a
+            # tiny |x| gives a quotient far below 0.5, i.e. code 0 either way.
+            d = tl.where(s == 0.0, 1.0, s)
+            sc = tl.where(d < 8.077935669463161e-28, 1.8446744073709552e19, 1.0)  # 2**-90, 2**64
+            d = d * sc
+            r = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d)[:, :, None]
+            d = d[:, :, None]
+            sc = sc[:, :, None]
+            v_lo = rint(div_by_reciprocal(xs_lo * sc, d, r), INTERPRET)
+            v_hi = rint(div_by_reciprocal(xs_hi * sc, d, r), INTERPRET)
             c_lo = tl.minimum(tl.maximum(v_lo, -8.0), 7.0).to(tl.int32) & 0xF
             c_hi = tl.minimum(tl.maximum(v_hi, -8.0), 7.0).to(tl.int32) & 0xF
 

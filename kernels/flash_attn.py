@@ -30,7 +30,7 @@ import triton.language as tl
 from dcgen_quant.capabilities import triton_interpret
 
 from . import tuning
-from .numerics import round_to_bf16, to_output
+from .numerics import cast_to, round_to_bf16, to_f32
 
 INTERPRETED = triton_interpret()  # how this module's kernels were built (jit vs interpreter)
 
@@ -83,7 +83,7 @@ def _attention_kernel(
     else:
         q = tl.load(q_ptrs, mask=d_mask[None, :], other=0.0)
     if INTERPRET:
-        q = q.to(tl.float32)
+        q = to_f32(q, INTERPRET)
 
     k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
@@ -104,8 +104,8 @@ def _attention_kernel(
             k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
         if INTERPRET:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+            k = to_f32(k, INTERPRET)
+            v = to_f32(v, INTERPRET)
         if FP32:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -123,10 +123,10 @@ def _attention_kernel(
             acc = tl.dot(_as_dot_operand(p, DTYPE, INTERPRET), v, acc * alpha[:, None])
         m_i = m_new
 
-    out = to_output(acc / l_i[:, None], tl.bfloat16 == DTYPE, INTERPRET)
+    out = cast_to(acc / l_i[:, None], DTYPE, INTERPRET)
     o_ptrs = o_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
     o_ptrs = o_ptrs + rm[:, None].to(tl.int64) * so_s + d[None, :] * so_d
-    tl.store(o_ptrs, out.to(DTYPE), mask=(rm < S_q)[:, None] & d_mask[None, :])
+    tl.store(o_ptrs, out, mask=(rm < S_q)[:, None] & d_mask[None, :])
 
 
 @functools.cache

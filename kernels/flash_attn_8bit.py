@@ -41,7 +41,7 @@ import triton.language as tl
 from dcgen_quant.capabilities import triton_interpret
 
 from . import tuning
-from .numerics import rint, round_to_e4m3, to_output
+from .numerics import cast_to, int_to_float, rint, round_to_e4m3, to_f32
 
 INTERPRETED = triton_interpret()  # how this module's kernels were built (jit vs interpreter)
 
@@ -77,7 +77,8 @@ def _quantize_rows_int8_kernel(
     s_mask = rs < S
     x_ptrs = x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
     x = tl.load(x_ptrs + rs[:, None].to(tl.int64) * sx_s + d[None, :] * sx_d,
-                mask=s_mask[:, None], other=0.0).to(tl.float32)  # fmt: skip
+                mask=s_mask[:, None], other=0.0)  # fmt: skip
+    x = to_f32(x, INTERPRET)
     if CENTER:
         x = x - tl.load(mean_ptr + bh.to(tl.int64) * HEAD_DIM + d)[None, :]
     amax = tl.max(tl.abs(x), axis=1)
@@ -107,7 +108,8 @@ def _quantize_v_fp8_kernel(
     s_mask = rs < S
     v_ptrs = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
     v = tl.load(v_ptrs + rs[:, None].to(tl.int64) * sv_s + d[None, :] * sv_d,
-                mask=s_mask[:, None], other=0.0).to(tl.float32)  # fmt: skip
+                mask=s_mask[:, None], other=0.0)  # fmt: skip
+    v = to_f32(v, INTERPRET)
     sv = tl.load(vscale_ptr + bh.to(tl.int64) * HEAD_DIM + d)
     vm = tl.load(vmean_ptr + bh.to(tl.int64) * HEAD_DIM + d)
     row = bh.to(tl.int64) * S + rs
@@ -157,7 +159,7 @@ def _attention_8bit_kernel(
         if INTERPRET:
             s = tl.dot(q, tl.trans(k.to(tl.float32)))
         else:
-            s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+            s = int_to_float(tl.dot(q, tl.trans(k), out_dtype=tl.int32))  # |s| < 127**2 * 128
         s = s * qs[:, None] * ks[None, :]
         if not EVEN_N:
             s = tl.where((rn < S_kv)[None, :], s, float("-inf"))
@@ -176,9 +178,9 @@ def _attention_8bit_kernel(
     vm = tl.load(vmean_ptr + bh * HEAD_DIM + d)
     out = acc * vs[None, :] / (l_i[:, None] * P_SCALE) + vm[None, :]
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
-    out = to_output(out, tl.bfloat16 == DTYPE, INTERPRET)
+    out = cast_to(out, DTYPE, INTERPRET)
     o_ptrs = o_ptr + b * so_b + h * so_h + rm[:, None].to(tl.int64) * so_s + d[None, :] * so_d
-    tl.store(o_ptrs, out.to(DTYPE), mask=(rm < S_q)[:, None])
+    tl.store(o_ptrs, out, mask=(rm < S_q)[:, None])
 
 
 @functools.cache

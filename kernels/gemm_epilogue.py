@@ -13,7 +13,7 @@ import triton.language as tl
 
 from dcgen_quant.capabilities import triton_interpret
 
-from .numerics import to_output
+from .numerics import cast_to, to_f32
 
 INTERPRETED = triton_interpret()  # how this module's kernels were built (jit vs interpreter)
 
@@ -37,7 +37,7 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 @triton.jit
 def epilogue(acc, rm, rn, la_ptr, up_ptr, bias_ptr, y_ptr, M, N, R, stride_upn, stride_upr,
              HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-             OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+             INTERPRET: tl.constexpr):  # fmt: skip
     """acc [BM, BN] float32 -> y: + lora_act @ proj_up^T, + bias, cast, masked store."""
     m_mask = rm < M
     n_mask = rn < N
@@ -52,10 +52,10 @@ def epilogue(acc, rm, rn, la_ptr, up_ptr, bias_ptr, y_ptr, M, N, R, stride_upn, 
             up_ptr + rn[None, :] * stride_upn + r[:, None] * stride_upr,
             mask=n_mask[None, :] & (r[:, None] < R),
             other=0.0,
-        ).to(tl.float32)
-        acc = tl.dot(la, up, acc, input_precision="tf32x3")
+        )
+        acc = tl.dot(la, to_f32(up, INTERPRET), acc, input_precision="tf32x3")
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = to_output(acc, OUT_BF16, INTERPRET)
+        acc += to_f32(tl.load(bias_ptr + rn, mask=n_mask, other=0.0), INTERPRET)[None, :]
+    y = cast_to(acc, y_ptr.dtype.element_ty, INTERPRET)
     y_ptrs = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(y_ptrs, y, mask=m_mask[:, None] & n_mask[None, :])

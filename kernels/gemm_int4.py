@@ -32,7 +32,7 @@ from dcgen_quant.capabilities import triton_interpret
 
 from . import tuning
 from .gemm_epilogue import epilogue, tile_ids
-from .numerics import int4_high, int4_low
+from .numerics import int4_high, int4_low, int_to_float, to_f32
 
 INTERPRETED = triton_interpret()  # how this module's kernels were built (jit vs interpreter)
 
@@ -48,7 +48,7 @@ def _gemm_w4a4_int4_kernel(
     q_ptr, scales_ptr, w_ptr, wscales_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
     M, N, K, R, stride_upn, stride_upr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
@@ -73,14 +73,15 @@ def _gemm_w4a4_int4_kernel(
         w = tl.load(w_ptrs)
         part = tl.dot(int4_low(a), int4_low(w), out_dtype=tl.int32)
         part = tl.dot(int4_high(a), int4_high(w), part, out_dtype=tl.int32)
-        sa = tl.load(sa_ptrs + g).to(tl.float32)
-        sw = tl.load(sw_ptrs + g * N).to(tl.float32)
-        acc += part.to(tl.float32) * (sa[:, None] * sw[None, :])
+        sa = to_f32(tl.load(sa_ptrs + g), INTERPRET)
+        sw = to_f32(tl.load(sw_ptrs + g * N), INTERPRET)
+        # |part| <= 64 * 8 * 8: exact float conversion without the I2F unit
+        acc += int_to_float(part) * (sa[:, None] * sw[None, :])
         a_ptrs += 32
         w_ptrs += 32
 
     epilogue(acc, rm, rn, la_ptr, up_ptr, bias_ptr, y_ptr, M, N, R, stride_upn, stride_upr,
-             HAS_LORA, HAS_BIAS, BLOCK_R, OUT_BF16, INTERPRET)  # fmt: skip
+             HAS_LORA, HAS_BIAS, BLOCK_R, INTERPRET)  # fmt: skip
 
 
 @functools.cache
@@ -127,7 +128,7 @@ def gemm_w4a4_int4(q, scales, qweight, wscales, lora_act, proj_up, bias, out_dty
         q, scales, qweight, wscales, la, up, b, y,
         m, n, k, r, up.stride(0) if r else 0, up.stride(1) if r else 0,
         HAS_LORA=r > 0, HAS_BIAS=bias is not None, BLOCK_R=tuning.pow2_at_least(r),
-        OUT_BF16=out_dtype == torch.bfloat16, INTERPRET=interpret,
+        INTERPRET=interpret,
         **cfg,
     )  # fmt: skip
     return y

@@ -62,7 +62,7 @@ def _gemm_w4a4_nvfp4_kernel(
     q_ptr, scales_ptr, w_ptr, wscales_ptr, la_ptr, up_ptr, bias_ptr, wtscale_ptr, y_ptr,
     M, N, K, R, stride_upn, stride_upr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    NATIVE: tl.constexpr, OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    NATIVE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
@@ -108,7 +108,7 @@ def _gemm_w4a4_nvfp4_kernel(
 
     acc = acc * tl.load(wtscale_ptr).to(tl.float32)
     epilogue(acc, rm, rn, la_ptr, up_ptr, bias_ptr, y_ptr, M, N, R, stride_upn, stride_upr,
-             HAS_LORA, HAS_BIAS, BLOCK_R, OUT_BF16, INTERPRET)  # fmt: skip
+             HAS_LORA, HAS_BIAS, BLOCK_R, INTERPRET)  # fmt: skip
 
 
 @functools.cache
@@ -172,7 +172,7 @@ def gemm_w4a4_nvfp4(
         q, scales, qweight, wscales, la, up, b, wt, y,
         m, n, k, r, up.stride(0) if r else 0, up.stride(1) if r else 0,
         HAS_LORA=r > 0, HAS_BIAS=bias is not None, BLOCK_R=tuning.pow2_at_least(r),
-        NATIVE=native, OUT_BF16=out_dtype == torch.bfloat16, INTERPRET=interpret,
+        NATIVE=native, INTERPRET=interpret,
         **cfg,
     )  # fmt: skip
     return y

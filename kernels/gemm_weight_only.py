@@ -31,7 +31,7 @@ from dcgen_quant.capabilities import triton_interpret
 
 from . import tuning
 from .gemm_epilogue import epilogue, tile_ids
-from .numerics import e2m1_value, int4_high, int4_low
+from .numerics import e2m1_value, int4_high, int4_low, to_f32
 
 INTERPRETED = triton_interpret()  # how this module's kernels were built (jit vs interpreter)
 
@@ -41,7 +41,7 @@ def _operand(v, X_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """A dot operand in x's dtype (the weight values are exact in it), or float32 in the
     interpreter, whose bf16 dot is wrong."""
     if INTERPRET:
-        return v.to(tl.float32)
+        return to_f32(v, INTERPRET)
     else:
         return v.to(X_DTYPE)
 
@@ -67,7 +67,7 @@ def _gemm_w4a16_kernel(
     x_ptr, w_ptr, wscales_ptr, bias_ptr, wtscale_ptr, y_ptr,
     M, N, K, stride_xm, stride_xk,
     IS_NVFP4: tl.constexpr, SPLIT_HALVES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
@@ -135,13 +135,13 @@ def _gemm_w4a16_kernel(
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             part = _dot(_operand(x_lo, X_DTYPE, INTERPRET), w_lo, part, X_DTYPE)
             part = _dot(_operand(x_hi, X_DTYPE, INTERPRET), w_hi, part, X_DTYPE)
-            sw = tl.load(wscales_ptr + g * N + rn_safe).to(tl.float32)
+            sw = to_f32(tl.load(wscales_ptr + g * N + rn_safe), INTERPRET)
             acc += part * sw[None, :]
 
     if IS_NVFP4:
         acc = acc * tl.load(wtscale_ptr).to(tl.float32)
     epilogue(acc, rm, rn, y_ptr, y_ptr, bias_ptr, y_ptr, M, N, 0, 0, 0,
-             False, HAS_BIAS, 16, OUT_BF16, INTERPRET)  # fmt: skip
+             False, HAS_BIAS, 16, INTERPRET)  # fmt: skip
 
 
 @functools.cache
@@ -188,7 +188,7 @@ def gemm_w4a16(x, qweight, wscales, bias, wtscale, fmt, layout, interpret):
         x, qweight, wscales, b, wt, y,
         m, n, k, x.stride(0), x.stride(1),
         IS_NVFP4=nvfp4, SPLIT_HALVES=layout == "split_halves", HAS_BIAS=bias is not None,
-        OUT_BF16=x.dtype == torch.bfloat16, INTERPRET=interpret,
+        INTERPRET=interpret,
         **cfg,
     )  # fmt: skip
     return y

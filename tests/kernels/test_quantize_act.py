@@ -79,6 +79,15 @@ def edge_case_inputs(fmt: str, dtype: torch.dtype) -> torch.Tensor:
         groups.append(ties.repeat(group)[:group])
         groups.append(torch.full((group,), 1e-30))  # fp16: amax / 7 -> scale 0 -> codes 0
         groups.append((torch.rand(group, generator=g) * 2 - 1) * 6e4)  # large, finite in fp16
+        # tiny scales (below 2**-90: the kernel's exact 2**64 pre-scaling): ties and values
+        # one ulp of x.dtype off the ties, where a quotient wrong by one ulp changes the code
+        ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-7
+        off = torch.randint(-1, 2, (group,), generator=g).float()
+        off[0] = 0.0  # keeps amax = 7 * 2**-120, so that the scale is exactly 2**-120
+        groups.append(groups[0] * 2.0**-110)
+        groups.append(groups[0] * (1 + ulp * off) * 2.0**-120)
+        groups.append(groups[0] * (1 + ulp * off.roll(1)) * 2.0**-125)
+        groups.append(torch.randn(group, generator=g) * 1e-35)
     else:
         # amax 6 -> block scale exactly 1: the values are the E2M1 rounding boundaries
         ties = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -5.0])
@@ -90,6 +99,10 @@ def edge_case_inputs(fmt: str, dtype: torch.dtype) -> torch.Tensor:
     groups.append(torch.zeros(group))
     groups.append(torch.full((group,), -0.0))
     groups.append(torch.randn(group, generator=g))
+    mixed = torch.randn(group, generator=g)
+    mixed[0::4] = -0.0  # -0.0 and tiny values inside a group with a normal scale
+    mixed[1::4] = 1e-30 * torch.sign(torch.randn(group // 4, generator=g))
+    groups.append(mixed)
     row = torch.cat(groups)
     rows = [row, row.roll(group), -row, row * 0.37]
     return torch.stack(rows).to(dtype)
