@@ -189,7 +189,7 @@ def _quantize_act_kernel(
 @functools.cache
 def _tuned(arch: str):
     return triton.autotune(
-        configs=tuning.QUANTIZE_ACT_CONFIGS[arch],
+        configs=tuning.configs_for(tuning.QUANTIZE_ACT_CONFIGS, arch),
         key=["M", "K", "R", "GROUP"],
         prune_configs_by={"early_config_prune": tuning.prune_quantize_act},
     )(_quantize_act_kernel)

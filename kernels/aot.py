@@ -196,8 +196,6 @@ VARIANTS = {
     "gemm_int4_ragged_no_lora": _variant("gemm_int4", HAS_LORA=False, HAS_BIAS=False,
                                          EVEN_M=False, EVEN_N=False,
                                          BLOCK_M=16, BLOCK_N=128, warps=4, stages=3),
-    "gemm_nvfp4_native_small": _variant("gemm_nvfp4_native", BLOCK_M=16, BLOCK_N=64,
-                                        EVEN_M=False, EVEN_N=False, EVEN_K=False),
     "gemm_nvfp4_upcast_ragged": _variant("gemm_nvfp4_upcast", EVEN_M=False, EVEN_K=False,
                                          HAS_LORA=False, sig={"y_ptr": "*fp16"}),
     "gemm_w4a16_nvfp4_fp16": _variant("gemm_w4a16_int4", IS_NVFP4=True, SPLIT_HALVES=False,
@@ -233,6 +231,23 @@ VARIANTS = {
                                        "H": "i32", **{f"sv_{a}": "i32" for a in "bhsd"}},
                                       {"HEAD_DIM": 128, "INTERPRET": False, "BLOCK_S": 128}),
 }  # fmt: skip
+
+
+def _native_fp4_variants() -> dict:
+    """One case per autotune configuration of the native NVFP4 loop (sm_100, sm_120 lists)."""
+    from .tuning import GEMM_NVFP4_CONFIGS
+
+    out = {}
+    for arch in ("sm_100", "sm_120"):
+        for c in GEMM_NVFP4_CONFIGS[arch]:
+            k = c.kwargs
+            name = f"nvfp4_native_{arch}_{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}w{c.num_warps}"
+            out[name] = _variant("gemm_nvfp4_native", warps=c.num_warps, stages=c.num_stages,
+                                 EVEN_M=False, EVEN_N=False, EVEN_K=False, **k)  # fmt: skip
+    return out
+
+
+VARIANTS.update(_native_fp4_variants())
 
 
 def compile_case(name: str, arch: int) -> str:

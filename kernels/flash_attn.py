@@ -132,7 +132,7 @@ def _attention_kernel(
 @functools.cache
 def _tuned(arch: str):
     return triton.autotune(
-        configs=tuning.ATTENTION_CONFIGS[arch],
+        configs=tuning.configs_for(tuning.ATTENTION_CONFIGS, arch),
         key=["S_q", "S_kv", "HEAD_DIM"],
         prune_configs_by={"early_config_prune": tuning.prune_attention},
     )(_attention_kernel)

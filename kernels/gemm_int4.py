@@ -87,7 +87,7 @@ def _gemm_w4a4_int4_kernel(
 @functools.cache
 def _tuned(arch: str):
     return triton.autotune(
-        configs=tuning.GEMM_INT4_CONFIGS[arch],
+        configs=tuning.configs_for(tuning.GEMM_INT4_CONFIGS, arch),
         key=["M", "N", "K", "R"],
         prune_configs_by={"early_config_prune": tuning.prune_gemm_int4},
     )(_gemm_w4a4_int4_kernel)

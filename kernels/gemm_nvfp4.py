@@ -114,7 +114,7 @@ def _gemm_w4a4_nvfp4_kernel(
 @functools.cache
 def _tuned(arch: str):
     return triton.autotune(
-        configs=tuning.GEMM_NVFP4_CONFIGS[arch],
+        configs=tuning.configs_for(tuning.GEMM_NVFP4_CONFIGS, arch),
         key=["M", "N", "K", "R", "NATIVE"],
         prune_configs_by={"early_config_prune": tuning.prune_gemm_nvfp4},
     )(_gemm_w4a4_nvfp4_kernel)

@@ -147,7 +147,7 @@ def _gemm_w4a16_kernel(
 @functools.cache
 def _tuned(arch: str):
     return triton.autotune(
-        configs=tuning.GEMM_W4A16_CONFIGS[arch],
+        configs=tuning.configs_for(tuning.GEMM_W4A16_CONFIGS, arch),
         key=["M", "N", "K", "IS_NVFP4"],
         prune_configs_by={"early_config_prune": tuning.prune_gemm_w4a16},
     )(_gemm_w4a16_kernel)

@@ -41,9 +41,15 @@ def device_limits(index: int) -> tuple[tuple[int, int], int]:
 
 
 def arch_family(device: torch.device) -> str:
-    """``"sm_120"`` for consumer Blackwell (major 12), else ``"sm_90"`` (the Hopper-style list)."""
+    """``"sm_120"`` (consumer Blackwell), ``"sm_100"`` (datacenter Blackwell) or ``"sm_90"``
+    (Hopper, and the list every other GPU uses)."""
     cap, _ = device_limits(device.index if device.index is not None else 0)
-    return "sm_120" if cap[0] == 12 else "sm_90"
+    return {12: "sm_120", 10: "sm_100"}.get(cap[0], "sm_90")
+
+
+def configs_for(table: dict, arch: str) -> list:
+    """The autotune list of ``arch`` in ``table``, the sm_90 list where it has none."""
+    return table.get(arch, table["sm_90"])
 
 
 def _prune(configs, estimate, smem_limit, m, n, bm="BLOCK_M", bn="BLOCK_N"):
@@ -124,6 +130,12 @@ GEMM_NVFP4_CONFIGS = {
         _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
         _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _cfg(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    ],
+    "sm_100": [  # native dot_scaled on tcgen05: BLOCK_M 128, BLOCK_N <= 128 (smaller tiles
+        # compile to an emulation or fail with triton 3.6; tests/kernels/test_aot.py checks)
+        _cfg(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+        _cfg(4, 2, BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
     ],
     "sm_120": [  # native dot_scaled
         _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),

@@ -37,7 +37,11 @@ CASES = [
 def test_kernels_emit_intended_instructions(tmp_path):
     pairs = {f"{case}@{arch}" for case, arch, _, _ in CASES} | {"quantize_act_int4@90"}
     # the other specializations the launchers use must compile for both GPU families
-    pairs = sorted(pairs | {f"{v}@{a}" for v in aot.VARIANTS for a in (90, 120)})
+    general = [v for v in aot.VARIANTS if not v.startswith("nvfp4_native_")]
+    pairs |= {f"{v}@{a}" for v in general for a in (90, 120)}
+    # every native-FP4 autotune configuration must lower to block-scaled FP4 MMA on its target
+    native = {v: int(v.split("_")[3]) for v in aot.VARIANTS if v.startswith("nvfp4_native_")}
+    pairs = sorted(pairs | {f"{v}@{a}" for v, a in native.items()})
     cmd = [sys.executable, "-m", "dcgen_quant.kernels.aot", "--json", "--ptx-dir", str(tmp_path)]
     cmd += [arg for pair in pairs for arg in ("--pair", pair)]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -49,6 +53,10 @@ def test_kernels_emit_intended_instructions(tmp_path):
         r = results[f"{case}@{arch}"]
         if not any(re.search(pattern, i) for i in r["instructions"]):
             failures.append(f"{what}: sm_{arch} gave {r['error'] or r['instructions']}")
+    for v, a in native.items():
+        found = results[f"{v}@{a}"]["instructions"]
+        if not any("mxf4nvf4" in i for i in found):
+            failures.append(f"NVFP4 autotune config {v}: sm_{a} gave {found}")
     # bit-exact quantization needs IEEE division and round-to-nearest-even on the GPU too
     ptx = (tmp_path / "quantize_act_int4_sm90.ptx").read_text()
     for needed in ("div.rn.f32", "cvt.rni.f32.f32"):
