@@ -17,10 +17,16 @@ On a CUDA GPU it times (medians of CUDA-event timings, ``triton.testing.do_bench
   of 128, against ``torch.nn.functional.scaled_dot_product_attention``.
 
 Each row has the median time, TFLOP/s, GB/s, the speedup over the baseline, the fraction of the
-datasheet ceiling (REFERENCE.md section 4) for the unit the kernel uses, and the max relative
+datasheet ceiling (bench/hardware.py) for the unit the kernel uses, and the max relative
 error against the pure-torch reference. One failing case is recorded with its error and the run
 goes on. Results: ``DIR/kernel_bench.md`` and ``DIR/kernel_bench.json`` (written atomically) with
 GPU, driver, CUDA, torch and triton versions.
+
+The cases run most important first (those behind issue 3's targets lead) and the files are
+rewritten after every case, so a run cut short keeps what it measured; ``--budget-s`` stops
+starting new cases after that many seconds, ``--only lead`` runs just the leading cases. First
+calls autotune and compile each kernel (about a minute per kernel family on an H200 is a guess,
+not a measurement); ``DCGEN_QUANT_AUTOTUNE=0`` times the first pruned configuration instead.
 
 Without a GPU it exits with a message (status 2); ``--quick`` under ``TRITON_INTERPRET=1`` runs
 tiny shapes through the same code path with wall-clock timing (not a performance measurement).
@@ -32,6 +38,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -50,19 +57,11 @@ from dcgen_quant.tables import format_table
 
 HELP = "time the kernels of every backend against torch baselines at FLUX shapes"
 
-# Dense datasheet peaks (REFERENCE.md section 4): TFLOP/s per unit, HBM in TB/s. "int8" is TOPS.
-CEILINGS = {
-    "H100": {"bf16": 989.0, "fp8": 1979.0, "int8": 1979.0, "fp4": None, "hbm": 3.35},
-    "H200": {"bf16": 989.0, "fp8": 1979.0, "int8": 1979.0, "fp4": None, "hbm": 4.8},
-    "B200": {"bf16": 2250.0, "fp8": 4500.0, "int8": 4500.0, "fp4": 9000.0, "hbm": 8.0},
-    "RTX 5090": {"bf16": 209.0, "fp8": 419.0, "int8": 838.0, "fp4": 1676.0, "hbm": 1.79},
-}
-
 GEMM_M = (256, 1024, 4096, 16384)
 GEMM_NK = ((3072, 3072), (12288, 3072), (3072, 12288), (3072, 15360))
 ATTN_TOKENS = (4096 + 512, 16384 + 512)
 RANK = 32
-OPS = ("gemm", "lowrank", "quantize", "w4a16", "attention")
+OPS = ("gemm", "lowrank", "quantize", "w4a16", "attention", "lead")
 
 COLUMNS = [
     ("op", "op", None),
@@ -106,13 +105,8 @@ def environment() -> dict:
         env["gpu"] = torch.cuda.get_device_name()
         env["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability())
         try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                check=True,
-            )
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            out = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True)
             env["driver"] = out.stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError, IndexError) as exc:
             env["driver"] = f"unknown ({type(exc).__name__})"
@@ -120,12 +114,15 @@ def environment() -> dict:
 
 
 def ceiling(gpu: str | None, unit: str) -> float | None:
-    """Datasheet peak of ``unit`` ("bf16", "fp8", "int8", "fp4": TFLOP/s; "hbm": GB/s)."""
-    for name, peaks in CEILINGS.items():
-        if gpu and name in gpu:
-            value = peaks[unit]
-            return None if value is None else value * (1000.0 if unit == "hbm" else 1.0)
-    return None
+    """Datasheet peak (bench/hardware.py) of ``unit``: "bf16", "fp8", "int8", "fp4" in TFLOP/s,
+    "hbm" in GB/s; None for a GPU that is not modelled or lacks the unit."""
+    from dcgen_quant.bench.hardware import GPUS, gpu_from_device_name
+
+    key = gpu_from_device_name(gpu) if gpu else None
+    if key is None:
+        return None
+    value = {"hbm": GPUS[key].bandwidth}.get(unit, getattr(GPUS[key], unit, None))
+    return None if value is None else value / (1e9 if unit == "hbm" else 1e12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,11 +135,8 @@ def median_ms(fn: Callable[[], object], device: str, quick: bool) -> float:
         try:
             from triton.testing import do_bench
 
-            return float(
-                do_bench(
-                    fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median"
-                )
-            )
+            warmup, rep = (10, 40) if quick else (25, 100)
+            return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
         except ImportError:
             start = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
             end = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
@@ -230,69 +224,30 @@ def case_gemm(fmt, m, n, k, backends, device, quick, env) -> list[dict]:
     bf16, fp8 = _torch_baselines(x, w, device, quick, env)
     shape = f"M={m} N={n} K={k} r={RANK}"
     flops = 2.0 * m * n * k
-    rows.append(
-        _row(
-            "matmul",
-            bf16[0],
-            shape,
-            bf16[1],
-            flops,
-            2 * (m * k + n * k + m * n),
-            unit="bf16",
-            env=env,
-        )
-    )
+    rows.append(_row("matmul", bf16[0], shape, bf16[1], flops, 2 * (m * k + n * k + m * n),
+                     unit="bf16", env=env))  # fmt: skip
     if fp8:
-        rows.append(
-            _row(
-                "matmul",
-                fp8[0],
-                shape,
-                fp8[1],
-                flops,
-                m * k + n * k + 2 * m * n,
-                unit="fp8",
-                env=env,
-            )
-        )
+        rows.append(_row("matmul", fp8[0], shape, fp8[1], flops, m * k + n * k + 2 * m * n,
+                         unit="fp8", env=env))  # fmt: skip
     group = 64 if fmt == "int4" else 16
     nbytes = (m + n) * k // 2 + (m + n) * (k // group) * 2 + 2 * m * n + 4 * m * RANK
     for name, module in backends.items():
         if isinstance(module, str):
-            rows.append(
-                {
-                    "op": f"gemm_w4a4 {fmt}",
-                    "backend": name,
-                    "shape": shape,
-                    "error": f"unavailable: {module}",
-                }
-            )
+            row = {"op": f"gemm_w4a4 {fmt}", "backend": name, "shape": shape}
+            rows.append({**row, "error": f"unavailable: {module}"})
             continue
         layout = module.preferred_layout(fmt)
         _, _, args = _w4a4_inputs(m, n, k, fmt, layout, device)
         ops.set_backend(name)
         y = ops.gemm_w4a4(*args, fmt, torch.bfloat16, layout)
         ref = ops.gemm_w4a4_reference(*args, fmt, torch.float32, layout)
-        ms = median_ms(
-            lambda a=args, lay=layout: ops.gemm_w4a4(*a, fmt, torch.bfloat16, lay), device, quick
-        )
+        ms = median_ms(lambda a=args, lay=layout: ops.gemm_w4a4(*a, fmt, torch.bfloat16, lay),
+                       device, quick)  # fmt: skip
         unit = "int8" if fmt == "int4" else ("fp4" if ceiling(env.get("gpu"), "fp4") else "bf16")
-        rows.append(
-            _row(
-                f"gemm_w4a4 {fmt}",
-                name,
-                shape,
-                ms,
-                flops + 2.0 * m * n * RANK,
-                nbytes,
-                bf16,
-                unit,
-                env,
-                max_rel_err=max_rel_err(y, ref),
-                vs_fp8=fp8[1] / ms if fp8 else None,
-                note=f"{fp8[1] / ms:.2f}x torch fp8" if fp8 else None,
-            )
-        )
+        rows.append(_row(f"gemm_w4a4 {fmt}", name, shape, ms, flops + 2.0 * m * n * RANK, nbytes,
+                         bf16, unit, env, max_rel_err=max_rel_err(y, ref),
+                         vs_fp8=fp8[1] / ms if fp8 else None,
+                         note=f"{fp8[1] / ms:.2f}x torch fp8" if fp8 else None))  # fmt: skip
     return rows
 
 
@@ -306,26 +261,11 @@ def case_lowrank(m, n, k, backends, device, quick, env) -> list[dict]:
         ops.set_backend(name)
         plain = list(args)
         plain[4] = plain[5] = None
-        t0, t1 = (
-            median_ms(
-                lambda a=a, lay=layout: ops.gemm_w4a4(*a, "int4", torch.bfloat16, lay),
-                device,
-                quick,
-            )
-            for a in (plain, args)
-        )
-        rows.append(
-            _row(
-                "low-rank overhead int4",
-                name,
-                f"M={m} N={n} K={k} r=0 vs {RANK}",
-                t1,
-                base=("same GEMM r=0", t0),
-                env=env,
-                overhead=t1 / t0 - 1.0,
-                note=f"low-rank adds {t1 / t0 - 1.0:+.1%}",
-            )
-        )
+        t0, t1 = (median_ms(lambda a=a, lay=layout: ops.gemm_w4a4(*a, "int4", torch.bfloat16, lay),
+                            device, quick) for a in (plain, args))  # fmt: skip
+        rows.append(_row("low-rank overhead int4", name, f"M={m} N={n} K={k} r=0 vs {RANK}", t1,
+                         base=("same GEMM r=0", t0), env=env, overhead=t1 / t0 - 1.0,
+                         note=f"low-rank adds {t1 / t0 - 1.0:+.1%}"))  # fmt: skip
     return rows
 
 
@@ -352,23 +292,11 @@ def case_quantize(fmt, m, k, backends, device, quick, env, copy_gbps) -> list[di
         ops.set_backend(name)
         q, s, _ = ops.quantize_act(x, smooth, down, fmt, layout)
         q_ref, s_ref, _ = ops.quantize_act_reference(x, smooth, down, fmt, layout)
-        exact = bool(torch.equal(q, q_ref)) and bool(
-            torch.equal(s.view(torch.uint8), s_ref.view(torch.uint8))
-        )
-        ms = median_ms(
-            lambda lay=layout: ops.quantize_act(x, smooth, down, fmt, lay), device, quick
-        )
-        row = _row(
-            f"quantize_act {fmt}",
-            name,
-            f"M={m} K={k} r={RANK}",
-            ms,
-            None,
-            nbytes,
-            env=env,
-            unit="hbm",
-            bit_exact=exact,
-        )
+        exact = torch.equal(q, q_ref) and torch.equal(s.view(torch.uint8), s_ref.view(torch.uint8))
+        ms = median_ms(lambda lay=layout: ops.quantize_act(x, smooth, down, fmt, lay), device,
+                       quick)  # fmt: skip
+        row = _row(f"quantize_act {fmt}", name, f"M={m} K={k} r={RANK}", ms, None, nbytes,
+                   env=env, unit="hbm", bit_exact=bool(exact))  # fmt: skip
         row["baseline"], row["of_copy"] = "copy", row["gbps"] / copy_gbps
         row["note"] = f"{row['of_copy']:.0%} of copy; {'bit-exact' if exact else 'NOT BIT-EXACT'}"
         rows.append(row)
@@ -394,20 +322,8 @@ def case_w4a16(fmt, m, n, k, backends, device, quick, env) -> list[dict]:
         y = ops.gemm_w4a16(*args)
         ref = ops.gemm_w4a16_reference(x.float(), *args[1:])
         ms = median_ms(lambda a=args: ops.gemm_w4a16(*a), device, quick)
-        rows.append(
-            _row(
-                f"gemm_w4a16 {fmt}",
-                name,
-                f"M={m} N={n} K={k}",
-                ms,
-                2.0 * m * n * k,
-                nbytes,
-                base,
-                "hbm",
-                env,
-                max_rel_err=max_rel_err(y, ref),
-            )
-        )
+        rows.append(_row(f"gemm_w4a16 {fmt}", name, f"M={m} N={n} K={k}", ms, 2.0 * m * n * k,
+                         nbytes, base, "hbm", env, max_rel_err=max_rel_err(y, ref)))  # fmt: skip
     return rows
 
 
@@ -430,36 +346,14 @@ def case_attention(tokens, heads, d, backends, device, quick, env) -> list[dict]
         o = ops.attention(q, k, v, None)
         err = max_rel_err(o, ref) if ref is not None else None
         ms = median_ms(lambda: ops.attention(q, k, v, None), device, quick)
-        rows.append(
-            _row(
-                "attention",
-                name,
-                shape,
-                ms,
-                flops,
-                base=base,
-                unit="bf16",
-                env=env,
-                max_rel_err=err,
-            )
-        )
+        rows.append(_row("attention", name, shape, ms, flops, base=base, unit="bf16", env=env,
+                         max_rel_err=err))  # fmt: skip
         if name == "triton":
             o8 = module.attention_8bit(q, k, v)
             err8 = max_rel_err(o8, ref) if ref is not None else None
             ms8 = median_ms(lambda m=module: m.attention_8bit(q, k, v), device, quick)
-            rows.append(
-                _row(
-                    "attention 8-bit",
-                    name,
-                    shape,
-                    ms8,
-                    flops,
-                    base=base,
-                    unit="fp8",
-                    env=env,
-                    max_rel_err=err8,
-                )
-            )
+            rows.append(_row("attention 8-bit", name, shape, ms8, flops, base=base, unit="fp8",
+                             env=env, max_rel_err=err8))  # fmt: skip
     return rows
 
 
@@ -468,7 +362,9 @@ def case_attention(tokens, heads, d, backends, device, quick, env) -> list[dict]
 
 
 def plan(quick: bool, device: str, only: set[str]) -> list[tuple[str, Callable, tuple]]:
-    """(label, case function, arguments) of every case of the run."""
+    """(label, case function, arguments) of every case, most important first: the cases behind
+    issue 3's targets (INT4 GEMM + low-rank at M = 4096, low-rank overhead, quantize_act,
+    attention at 4096+512) lead, so a time-boxed run measures them before the sweep."""
     if device == "cpu":  # interpreter smoke run: tiny shapes, same code path
         ms, nks, toks, heads, d = (5,), ((64, 128),), (77,), 2, 64
         quant, lowrank, w4a16 = ((5, 128),), (5, 64, 128), (2, 64, 128)
@@ -479,65 +375,86 @@ def plan(quick: bool, device: str, only: set[str]) -> list[tuple[str, Callable, 
         ms, nks, toks, heads, d = GEMM_M, GEMM_NK, ATTN_TOKENS, 24, 128
         quant = [(m, k) for m in GEMM_M for k in (3072, 12288)]
         lowrank, w4a16 = (4096, 3072, 3072), (2, 18432, 3072)
-    cases = []
+    lead_m = 4096 if 4096 in ms else ms[0]
+    lead_only = "lead" in only
+    only = set(OPS) if lead_only else only
+    first, rest = [], []
     if "gemm" in only:
-        cases += [
-            (f"gemm {f} {m}x{n}x{k}", case_gemm, (f, m, n, k))
-            for f in ("int4", "nvfp4")
-            for m in ms
-            for n, k in nks
-        ]
+        for f in ("int4", "nvfp4"):
+            for m in ms:
+                for n, k in nks:
+                    case = (f"gemm {f} {m}x{n}x{k}", case_gemm, (f, m, n, k))
+                    lead = f == "int4" and m == lead_m and (n, k) in nks[:2]
+                    (first if lead else rest).append(case)
     if "lowrank" in only:
-        cases.append(("low-rank overhead", case_lowrank, lowrank))
+        first.append(("low-rank overhead", case_lowrank, lowrank))
     if "quantize" in only:
-        cases += [
-            (f"quantize {f} {m}x{k}", case_quantize, (f, m, k))
-            for f in ("int4", "nvfp4")
-            for m, k in quant
-        ]
-    if "w4a16" in only:
-        cases += [(f"w4a16 {f}", case_w4a16, (f, *w4a16)) for f in ("int4", "nvfp4")]
+        for f in ("int4", "nvfp4"):
+            for m, k in quant:
+                case = (f"quantize {f} {m}x{k}", case_quantize, (f, m, k))
+                lead = f == "int4" and m == lead_m and k == quant[0][1]
+                (first if lead else rest).append(case)
     if "attention" in only:
-        cases += [(f"attention S={t}", case_attention, (t, heads, d)) for t in toks]
-    return cases
+        for i, t in enumerate(toks):
+            (first if i == 0 else rest).append((f"attention S={t}", case_attention, (t, heads, d)))
+    if "w4a16" in only:
+        rest += [(f"w4a16 {f}", case_w4a16, (f, *w4a16)) for f in ("int4", "nvfp4")]
+    return first if lead_only else first + rest
 
 
-def run(out: Path, quick: bool, backends: list[str], only: set[str]) -> dict:
-    """Run every case, write ``out/kernel_bench.{md,json}``, return the JSON document."""
+def run(out: Path, quick: bool, backends: list[str], only: set[str], budget_s=None) -> dict:
+    """Run the cases in :func:`plan` order and return the JSON document.
+
+    ``out/kernel_bench.{md,json}`` are rewritten (atomically) after every case, so a run cut
+    short by an outer time box keeps what it measured. With ``budget_s``, no case starts after
+    that many seconds; the cases left are listed as skipped.
+    """
     from tqdm import tqdm
 
+    t_start = time.monotonic()
     device = "cuda" if capabilities.cuda_unavailable() is None else "cpu"
     env = environment()
     mods = _backends(backends)
-    rows: list[dict] = []
-    copy_gbps = None
-    before = ops.get_backend()
-    try:
-        if "quantize" in only:
-            copy_gbps = copy_bandwidth(device, quick, numel=1 << 14 if device == "cpu" else 1 << 28)
-        for label, fn, args in tqdm(plan(quick, device, only), desc="kernel_bench", unit="case"):
-            extra = (copy_gbps,) if fn is case_quantize else ()
-            try:
-                rows += fn(*args, mods, device, quick, env, *extra)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-            except Exception as exc:  # one failing case must not end the run: record it
-                rows.append({"op": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-    finally:
-        ops.set_backend(before)
     doc = {
         "environment": env,
         "quick": quick,
-        "copy_gbps": copy_gbps,
+        "copy_gbps": None,
         "backends": {k: (v if isinstance(v, str) else "available") for k, v in mods.items()},
         "note": "interpreter timings: not a performance measurement" if device == "cpu" else "",
-        "rows": rows,
+        "autotune": os.environ.get("DCGEN_QUANT_AUTOTUNE", "1"),
+        "rows": [],
+        "skipped": [],
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "kernel_bench.json", json.dumps(doc, indent=2, default=str) + "\n")
-    atomic_write_text(out / "kernel_bench.md", to_markdown(doc))
+
+    def save():
+        doc["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        atomic_write_text(out / "kernel_bench.json", json.dumps(doc, indent=2, default=str) + "\n")
+        atomic_write_text(out / "kernel_bench.md", to_markdown(doc))
+
+    before = ops.get_backend()
+    try:
+        if "quantize" in only or "lead" in only:
+            numel = 1 << 14 if device == "cpu" else 1 << 28
+            doc["copy_gbps"] = copy_bandwidth(device, quick, numel=numel)
+        cases = plan(quick, device, only)
+        for i, (label, fn, args) in enumerate(tqdm(cases, desc="kernel_bench", unit="case")):
+            if budget_s is not None and time.monotonic() - t_start > budget_s:
+                doc["skipped"] = [c[0] for c in cases[i:]]
+                break
+            extra = (doc["copy_gbps"],) if fn is case_quantize else ()
+            try:
+                doc["rows"] += fn(*args, mods, device, quick, env, *extra)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            except Exception as exc:  # one failing case must not end the run: record it
+                doc["rows"].append({"op": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            save()
+    finally:
+        ops.set_backend(before)
+        save()
     return doc
 
 
@@ -546,7 +463,11 @@ def to_markdown(doc: dict) -> str:
     lines = ["# Kernel benchmark", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += [f"- copy bandwidth: {doc['copy_gbps']:.0f} GB/s" if doc["copy_gbps"] else ""]
-    lines += [f"- backends: {doc['backends']}", f"- {doc['note']}" if doc["note"] else "", ""]
+    lines += [f"- backends: {doc['backends']}", f"- autotune: {doc['autotune']}"]
+    lines += [f"- {doc['note']}" if doc["note"] else "", f"- elapsed: {doc.get('elapsed_s')} s"]
+    if doc["skipped"]:
+        lines += [f"- skipped (time budget): {', '.join(doc['skipped'])}"]
+    lines += [""]
     header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
     lines += [header, "|" + "---|" * len(COLUMNS)]
     for row in doc["rows"]:
@@ -568,7 +489,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for kernel_bench.md/json")
     parser.add_argument("--quick", action="store_true", help="a few shapes (CPU: interpreter)")
     parser.add_argument("--backends", default="cuda,triton", help="comma list (default: both)")
-    parser.add_argument("--only", default=",".join(OPS), help=f"comma list of {', '.join(OPS)}")
+    parser.add_argument(
+        "--only",
+        default=",".join(OPS[:-1]),
+        help=f"comma list of {', '.join(OPS)} ('lead': only the cases behind issue 3's targets)",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="start no case after this many seconds"
+    )
     args = parser.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     if bad := only - set(OPS):
@@ -584,7 +512,7 @@ def main(argv=None) -> int:
         )
         return 2
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    doc = run(args.out, args.quick, backends, only)
+    doc = run(args.out, args.quick, backends, only, args.budget_s)
     print(format_table(doc["rows"], COLUMNS, title=f"kernel_bench ({doc['environment']['gpu']})"))
     print(f"wrote {args.out / 'kernel_bench.md'} and {args.out / 'kernel_bench.json'}")
     return 0

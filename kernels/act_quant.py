@@ -230,10 +230,10 @@ def quantize_act(x, smooth, lora_down, fmt, layout, interpret):
     )
     smooth_arg = smooth.contiguous() if smooth is not None else x
     down_arg = lora_down if lora_down is not None else x
-    if interpret:
-        kernel, cfg = _quantize_act_kernel, tuning.quantize_act_interpret_config(m, k, group)
-    else:
-        kernel, cfg = _tuned(tuning.arch_family(x.device)), {}
+    kernel, cfg = tuning.launch_plan(
+        _quantize_act_kernel, _tuned, tuning.QUANTIZE_ACT_CONFIGS, tuning.prune_quantize_act,
+        {"M": m, "K": k}, x.device, interpret, tuning.quantize_act_interpret_config(m, k, group),
+    )  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]),)

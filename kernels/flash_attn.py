@@ -158,10 +158,11 @@ def attention(q, k, v, scale, interpret):
     if s_kv == 0:
         raise ValueError("attention: k and v have no tokens (S_kv = 0); softmax is undefined")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if interpret:
-        kernel, cfg = _attention_kernel, tuning.attention_interpret_config(s_q, s_kv)
-    else:
-        kernel, cfg = _tuned(tuning.arch_family(q.device)), {}
+    kernel, cfg = tuning.launch_plan(
+        _attention_kernel, _tuned, tuning.ATTENTION_CONFIGS, tuning.prune_attention,
+        {"o_ptr": o, "S_q": s_q, "HEAD_DIM": d}, q.device, interpret,
+        tuning.attention_interpret_config(s_q, s_kv),
+    )  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(s_q, meta["BLOCK_M"]), bsz * heads)

@@ -249,10 +249,11 @@ def attention_8bit(q, k, v, scale, interpret):
         raise ValueError("attention_8bit: k and v have no tokens (S_kv = 0)")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q8, qs, k8, ks, v8, vs, v_mean = quantize_qkv(q, k, v, scale, interpret)
-    if interpret:
-        kernel, cfg = _attention_8bit_kernel, tuning.attention_interpret_config(s_q, s_kv)
-    else:
-        kernel, cfg = _tuned(tuning.arch_family(q.device)), {}
+    kernel, cfg = tuning.launch_plan(
+        _attention_8bit_kernel, _tuned, tuning.ATTENTION_CONFIGS, tuning.prune_attention,
+        {"o_ptr": o, "S_q": s_q, "HEAD_DIM": d}, q.device, interpret,
+        tuning.attention_interpret_config(s_q, s_kv),
+    )  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(s_q, meta["BLOCK_M"]), bsz * heads)

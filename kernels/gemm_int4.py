@@ -116,10 +116,11 @@ def gemm_w4a4_int4(q, scales, qweight, wscales, lora_act, proj_up, bias, out_dty
     la = lora_act.contiguous() if r else y
     up = proj_up if r else y
     b = bias.contiguous() if bias is not None else y
-    if interpret:
-        kernel, cfg = _gemm_w4a4_int4_kernel, tuning.gemm_interpret_config(m, n)
-    else:
-        kernel, cfg = _tuned(tuning.arch_family(q.device)), {}
+    kernel, cfg = tuning.launch_plan(
+        _gemm_w4a4_int4_kernel, _tuned, tuning.GEMM_INT4_CONFIGS, tuning.prune_gemm_int4,
+        {"y_ptr": y, "M": m, "N": n, "K": k}, q.device, interpret,
+        tuning.gemm_interpret_config(m, n),
+    )  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

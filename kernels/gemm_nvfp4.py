@@ -160,10 +160,11 @@ def gemm_w4a4_nvfp4(
     up = proj_up if r else y
     b = bias.contiguous() if bias is not None else y
     wt = wtscale.reshape(1).to(torch.float32)
-    if interpret:
-        kernel, cfg = _gemm_w4a4_nvfp4_kernel, tuning.gemm_interpret_config(m, n, block_k=256)
-    else:
-        kernel, cfg = _tuned(tuning.arch_family(q.device)), {}
+    kernel, cfg = tuning.launch_plan(
+        _gemm_w4a4_nvfp4_kernel, _tuned, tuning.GEMM_NVFP4_CONFIGS, tuning.prune_gemm_nvfp4,
+        {"y_ptr": y, "M": m, "N": n, "K": k, "NATIVE": native}, q.device, interpret,
+        tuning.gemm_interpret_config(m, n, block_k=256),
+    )  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

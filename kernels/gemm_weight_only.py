@@ -176,10 +176,11 @@ def gemm_w4a16(x, qweight, wscales, bias, wtscale, fmt, layout, interpret):
     qweight, wscales = qweight.contiguous(), wscales.contiguous()
     b = bias.contiguous() if bias is not None else y
     wt = wtscale.reshape(1).to(torch.float32) if nvfp4 else y
-    if interpret:
-        kernel, cfg = _gemm_w4a16_kernel, tuning.gemm_interpret_config(m, n, block_k=256)
-    else:
-        kernel, cfg = _tuned(tuning.arch_family(x.device)), {}
+    kernel, cfg = tuning.launch_plan(
+        _gemm_w4a16_kernel, _tuned, tuning.GEMM_W4A16_CONFIGS, tuning.prune_gemm_w4a16,
+        {"y_ptr": y, "M": m, "N": n, "K": k}, x.device, interpret,
+        tuning.gemm_interpret_config(m, n, block_k=256),
+    )  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

@@ -13,11 +13,17 @@ two of M, the same for N), always keeping at least one configuration.
 
 In the interpreter there is no timing to do; fixed large tiles are used instead, because the
 interpreter's cost is per operation, not per element (REFERENCE.md section 5).
+
+``DCGEN_QUANT_AUTOTUNE=0`` skips the timing runs on a GPU: each launch takes the first
+configuration that survives pruning (quick GPU tests; first calls then compile one
+configuration instead of all). :data:`EXERCISE_ARCH` makes the launchers take the GPU path
+(autotuner, pruning, heuristics) in the interpreter, so tests can check that wiring on a CPU.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -50,6 +56,46 @@ def arch_family(device: torch.device) -> str:
 def configs_for(table: dict, arch: str) -> list:
     """The autotune list of ``arch`` in ``table``, the sm_90 list where it has none."""
     return table.get(arch, table["sm_90"])
+
+
+EXERCISE_ARCH: str | None = None  # tests only: run the GPU launch path in the interpreter
+
+
+def autotune_enabled() -> bool:
+    """False when ``DCGEN_QUANT_AUTOTUNE=0``."""
+    return os.environ.get("DCGEN_QUANT_AUTOTUNE", "1").strip() not in ("0", "false", "no")
+
+
+def launch_plan(raw, tuned, table, prune, named, device, interpret, interpret_cfg):
+    """(kernel, launch kwargs) for one call.
+
+    Parameters
+    ----------
+    raw : the heuristics-wrapped kernel; tuned : ``arch -> autotuned kernel``
+    table : {arch: [Config]}; prune : ``(configs, named_args) -> configs``
+    named : the runtime arguments ``prune`` reads (name -> value)
+    interpret_cfg : the constexprs used in the interpreter
+    """
+    if interpret and EXERCISE_ARCH is None:
+        return raw, interpret_cfg
+    arch = EXERCISE_ARCH or arch_family(device)
+    if autotune_enabled():
+        return tuned(arch), {}
+    c = prune(configs_for(table, arch), named)[0]
+    return raw, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def _smem_limit(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":  # the interpreter exercising a GPU path: nominal limits
+        return 101376 if EXERCISE_ARCH == "sm_120" else 232448
+    return device_limits(t.device.index or 0)[1]
+
+
+def _fit_k(configs, k):
+    """Configs whose BLOCK_K does not exceed K (rounded up to a power of two); the ones with the
+    smallest BLOCK_K if none does."""
+    limit = max(min(c.kwargs["BLOCK_K"] for c in configs), pow2_at_least(k))
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= limit]
 
 
 def _prune(configs, estimate, smem_limit, m, n, bm="BLOCK_M", bn="BLOCK_N"):
@@ -153,22 +199,23 @@ def _gemm_int4_smem(c) -> int:
     return s * (bm + bn) * 32 + (bm + bn) * 64
 
 
-def _gemm_nvfp4_smem(c) -> int:
+def _gemm_nvfp4_smem(c, native: bool) -> int:
     bm, bn, bk, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages
-    packed = (bm + bn) * bk // 2 + (bm + bn) * bk // 16
-    return s * packed + (bm + bn) * bk * 2  # + bf16 staging of the upcast operands
+    packed = (bm + bn) * bk // 2 + (bm + bn) * bk // 16  # codes + E4M3 scales per stage
+    return s * packed + (0 if native else (bm + bn) * bk)  # + bf16 staging of the upcast
 
 
 def prune_gemm_int4(configs, named_args, **kwargs):
-    _, smem = device_limits(named_args["y_ptr"].device.index or 0)
+    smem = _smem_limit(named_args["y_ptr"])
     return _prune(configs, _gemm_int4_smem, smem, named_args["M"], named_args["N"])
 
 
 def prune_gemm_nvfp4(configs, named_args, **kwargs):
-    _, smem = device_limits(named_args["y_ptr"].device.index or 0)
+    smem = _smem_limit(named_args["y_ptr"])
     k = named_args["K"]
-    configs = [c for c in configs if c.kwargs["BLOCK_K"] <= max(64, k)] or configs[:1]
-    return _prune(configs, _gemm_nvfp4_smem, smem, named_args["M"], named_args["N"])
+    native = bool(named_args.get("NATIVE", kwargs.get("NATIVE", False)))
+    return _prune(_fit_k(configs, k), lambda c: _gemm_nvfp4_smem(c, native), smem, named_args["M"],
+                  named_args["N"])  # fmt: skip
 
 
 def gemm_interpret_config(m, n, block_k=None) -> dict:
@@ -188,6 +235,7 @@ GEMM_W4A16_CONFIGS = {
         _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
         _cfg(4, 5, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     ],
     "sm_120": [
         _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
@@ -203,10 +251,9 @@ def _gemm_w4a16_smem(c) -> int:
 
 
 def prune_gemm_w4a16(configs, named_args, **kwargs):
-    _, smem = device_limits(named_args["y_ptr"].device.index or 0)
+    smem = _smem_limit(named_args["y_ptr"])
     k = named_args["K"]
-    configs = [c for c in configs if c.kwargs["BLOCK_K"] <= max(64, k)] or configs[:1]
-    return _prune(configs, _gemm_w4a16_smem, smem, named_args["M"], named_args["N"])
+    return _prune(_fit_k(configs, k), _gemm_w4a16_smem, smem, named_args["M"], named_args["N"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,8 +282,7 @@ def _attention_smem(c, d, elt) -> int:
 
 
 def prune_attention(configs, named_args, **kwargs):
-    o = named_args["o_ptr"]
-    _, smem = device_limits(o.device.index or 0)
+    smem = _smem_limit(named_args["o_ptr"])
     d, elt = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"], 2
     kept = [c for c in configs if _attention_smem(c, d, elt) <= smem] or configs[-1:]
     s_q = named_args["S_q"]

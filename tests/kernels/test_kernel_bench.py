@@ -45,6 +45,25 @@ def test_quick_interpreter_run_writes_tables(tmp_path, monkeypatch):
     assert all(r["ms"] > 0 and not r.get("error") for r in triton_rows)
     assert all("bit-exact" in r["note"] for r in triton_rows if r["op"].startswith("quantize"))
     assert "| quantize_act int4 | triton |" in md
+    assert doc["skipped"] == [] and doc["elapsed_s"] > 0
+
+
+def test_budget_stops_starting_cases_and_keeps_partial_results(tmp_path):
+    argv = ["--out", str(tmp_path), "--quick", "--only", "quantize,attention", "--budget-s", "0"]
+    assert kernel_bench.main(argv) == 0
+    doc = json.loads((tmp_path / "kernel_bench.json").read_text())
+    assert doc["rows"] == [] and doc["skipped"]  # nothing started after 0 s, all listed
+    assert "skipped (time budget)" in (tmp_path / "kernel_bench.md").read_text()
+
+
+def test_plan_puts_the_target_cases_first():
+    labels = [
+        c[0] for c in kernel_bench.plan(quick=False, device="cuda", only=set(kernel_bench.OPS))
+    ]
+    assert labels[:4] == ["gemm int4 4096x3072x3072", "gemm int4 4096x12288x3072",
+                          "low-rank overhead", "quantize int4 256x3072"]  # fmt: skip
+    lead = kernel_bench.plan(quick=False, device="cuda", only={"lead", "gemm", "lowrank"})
+    assert [c[0] for c in lead] == labels[:3]
 
 
 def test_unknown_only_is_rejected(tmp_path):
