@@ -72,26 +72,26 @@ dcgq_status validate_quantize_act(const char* fn, const dcgq_quantize_act_args* 
                  fn, (long long)a->rank);
   if (a->m == 0) return DCGQ_SUCCESS;
   const int g = group_size(a->fmt);
-  DCGQ_CHECK_NOT_NULL(fn, a->x);
-  DCGQ_CHECK_NOT_NULL(fn, a->q);
-  DCGQ_CHECK_NOT_NULL(fn, a->scales);
+  DCGQ_CHECK_NOT_NULL(fn, "x", a->x);
+  DCGQ_CHECK_NOT_NULL(fn, "q", a->q);
+  DCGQ_CHECK_NOT_NULL(fn, "scales", a->scales);
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ldx", a->ldx, a->k, device ? 8 : 1));
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ldq", a->ldq, a->k / 2, device ? 8 : 1));
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ld_scales", a->ld_scales, a->k / g, 1));
   if (a->rank > 0) {
-    DCGQ_CHECK_NOT_NULL(fn, a->lora_down);
-    DCGQ_CHECK_NOT_NULL(fn, a->lora_act);
+    DCGQ_CHECK_NOT_NULL(fn, "lora_down", a->lora_down);
+    DCGQ_CHECK_NOT_NULL(fn, "lora_act", a->lora_act);
     DCGQ_RETURN_IF_ERROR(check_ld(fn, "ld_lora_down", a->ld_lora_down, a->rank, 1));
     DCGQ_RETURN_IF_ERROR(check_ld(fn, "ld_lora_act", a->ld_lora_act, a->rank, 1));
   }
   if (device) {
-    DCGQ_CHECK_ALIGNED(fn, a->x, 16);
-    DCGQ_CHECK_ALIGNED(fn, a->q, 8);
-    DCGQ_CHECK_ALIGNED(fn, a->scales, a->fmt == DCGQ_FORMAT_INT4 ? 2 : 1);
-    if (a->smooth != nullptr) DCGQ_CHECK_ALIGNED(fn, a->smooth, 16);
+    DCGQ_CHECK_ALIGNED(fn, "x", a->x, 16);
+    DCGQ_CHECK_ALIGNED(fn, "q", a->q, 8);
+    DCGQ_CHECK_ALIGNED(fn, "scales", a->scales, a->fmt == DCGQ_FORMAT_INT4 ? 2 : 1);
+    if (a->smooth != nullptr) DCGQ_CHECK_ALIGNED(fn, "smooth", a->smooth, 16);
     if (a->rank > 0) {
-      DCGQ_CHECK_ALIGNED(fn, a->lora_down, 2);
-      DCGQ_CHECK_ALIGNED(fn, a->lora_act, 4);
+      DCGQ_CHECK_ALIGNED(fn, "lora_down", a->lora_down, 2);
+      DCGQ_CHECK_ALIGNED(fn, "lora_act", a->lora_act, 4);
     }
   }
   return DCGQ_SUCCESS;
@@ -127,34 +127,34 @@ dcgq_status validate_gemm_w4a4(const char* fn, const dcgq_gemm_w4a4_args* a) {
   DCGQ_RETURN_IF_ERROR(check_k(fn, a->fmt, a->k));
   DCGQ_CHECK_ARG(a->rank >= 0 && a->rank <= 4096, "%s: rank = %lld; expected 0 <= rank <= 4096",
                  fn, (long long)a->rank);
-  if (a->fmt == DCGQ_FORMAT_NVFP4) DCGQ_CHECK_NOT_NULL(fn, a->wtscale);
+  if (a->fmt == DCGQ_FORMAT_NVFP4) DCGQ_CHECK_NOT_NULL(fn, "wtscale", a->wtscale);
   if (a->m == 0 || a->n == 0) return DCGQ_SUCCESS;
   const int g = group_size(a->fmt);
-  DCGQ_CHECK_NOT_NULL(fn, a->q);
-  DCGQ_CHECK_NOT_NULL(fn, a->scales);
-  DCGQ_CHECK_NOT_NULL(fn, a->qweight);
-  DCGQ_CHECK_NOT_NULL(fn, a->wscales);
-  DCGQ_CHECK_NOT_NULL(fn, a->out);
+  DCGQ_CHECK_NOT_NULL(fn, "q", a->q);
+  DCGQ_CHECK_NOT_NULL(fn, "scales", a->scales);
+  DCGQ_CHECK_NOT_NULL(fn, "qweight", a->qweight);
+  DCGQ_CHECK_NOT_NULL(fn, "wscales", a->wscales);
+  DCGQ_CHECK_NOT_NULL(fn, "out", a->out);
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ldq", a->ldq, a->k / 2, 8));
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ldqw", a->ldqw, a->k / 2, 8));
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ld_scales", a->ld_scales, a->k / g, 1));
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ld_wscales", a->ld_wscales, a->n, 1));
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ldo", a->ldo, a->n, 1));
   if (a->rank > 0) {
-    DCGQ_CHECK_NOT_NULL(fn, a->lora_act);
-    DCGQ_CHECK_NOT_NULL(fn, a->proj_up);
+    DCGQ_CHECK_NOT_NULL(fn, "lora_act", a->lora_act);
+    DCGQ_CHECK_NOT_NULL(fn, "proj_up", a->proj_up);
     DCGQ_RETURN_IF_ERROR(check_ld(fn, "ld_lora_act", a->ld_lora_act, a->rank, 1));
     DCGQ_RETURN_IF_ERROR(check_ld(fn, "ld_proj_up", a->ld_proj_up, a->rank, 1));
-    DCGQ_CHECK_ALIGNED(fn, a->lora_act, 4);
-    DCGQ_CHECK_ALIGNED(fn, a->proj_up, 2);
+    DCGQ_CHECK_ALIGNED(fn, "lora_act", a->lora_act, 4);
+    DCGQ_CHECK_ALIGNED(fn, "proj_up", a->proj_up, 2);
   }
-  DCGQ_CHECK_ALIGNED(fn, a->q, 8);
-  DCGQ_CHECK_ALIGNED(fn, a->qweight, 8);
-  DCGQ_CHECK_ALIGNED(fn, a->scales, a->fmt == DCGQ_FORMAT_INT4 ? 2 : 1);
-  DCGQ_CHECK_ALIGNED(fn, a->wscales, a->fmt == DCGQ_FORMAT_INT4 ? 2 : 1);
-  DCGQ_CHECK_ALIGNED(fn, a->out, a->out_dtype == DCGQ_DTYPE_FLOAT32 ? 4 : 2);
-  if (a->bias != nullptr) DCGQ_CHECK_ALIGNED(fn, a->bias, 2);
-  if (a->wtscale != nullptr) DCGQ_CHECK_ALIGNED(fn, a->wtscale, 4);
+  DCGQ_CHECK_ALIGNED(fn, "q", a->q, 8);
+  DCGQ_CHECK_ALIGNED(fn, "qweight", a->qweight, 8);
+  DCGQ_CHECK_ALIGNED(fn, "scales", a->scales, a->fmt == DCGQ_FORMAT_INT4 ? 2 : 1);
+  DCGQ_CHECK_ALIGNED(fn, "wscales", a->wscales, a->fmt == DCGQ_FORMAT_INT4 ? 2 : 1);
+  DCGQ_CHECK_ALIGNED(fn, "out", a->out, a->out_dtype == DCGQ_DTYPE_FLOAT32 ? 4 : 2);
+  if (a->bias != nullptr) DCGQ_CHECK_ALIGNED(fn, "bias", a->bias, 2);
+  if (a->wtscale != nullptr) DCGQ_CHECK_ALIGNED(fn, "wtscale", a->wtscale, 4);
   return DCGQ_SUCCESS;
 }
 
@@ -169,24 +169,24 @@ dcgq_status validate_gemm_w4a16(const char* fn, const dcgq_gemm_w4a16_args* a) {
   DCGQ_CHECK_ARG(a->n >= 0 && a->n < (int64_t(1) << 31), "%s: n = %lld; expected 0 <= n < 2^31",
                  fn, (long long)a->n);
   DCGQ_RETURN_IF_ERROR(check_k(fn, a->fmt, a->k));
-  if (a->fmt == DCGQ_FORMAT_NVFP4) DCGQ_CHECK_NOT_NULL(fn, a->wtscale);
+  if (a->fmt == DCGQ_FORMAT_NVFP4) DCGQ_CHECK_NOT_NULL(fn, "wtscale", a->wtscale);
   if (a->m == 0 || a->n == 0) return DCGQ_SUCCESS;
   const int g = group_size(a->fmt);
-  DCGQ_CHECK_NOT_NULL(fn, a->x);
-  DCGQ_CHECK_NOT_NULL(fn, a->qweight);
-  DCGQ_CHECK_NOT_NULL(fn, a->wscales);
-  DCGQ_CHECK_NOT_NULL(fn, a->out);
+  DCGQ_CHECK_NOT_NULL(fn, "x", a->x);
+  DCGQ_CHECK_NOT_NULL(fn, "qweight", a->qweight);
+  DCGQ_CHECK_NOT_NULL(fn, "wscales", a->wscales);
+  DCGQ_CHECK_NOT_NULL(fn, "out", a->out);
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ldx", a->ldx, a->k, 8));
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ldqw", a->ldqw, a->k / 2, 8));
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ld_wscales", a->ld_wscales, a->n, 1));
   DCGQ_RETURN_IF_ERROR(check_ld(fn, "ldo", a->ldo, a->n, 1));
   (void)g;
-  DCGQ_CHECK_ALIGNED(fn, a->x, 16);
-  DCGQ_CHECK_ALIGNED(fn, a->qweight, 8);
-  DCGQ_CHECK_ALIGNED(fn, a->wscales, a->fmt == DCGQ_FORMAT_INT4 ? 2 : 1);
-  DCGQ_CHECK_ALIGNED(fn, a->out, 2);
-  if (a->bias != nullptr) DCGQ_CHECK_ALIGNED(fn, a->bias, 2);
-  if (a->wtscale != nullptr) DCGQ_CHECK_ALIGNED(fn, a->wtscale, 4);
+  DCGQ_CHECK_ALIGNED(fn, "x", a->x, 16);
+  DCGQ_CHECK_ALIGNED(fn, "qweight", a->qweight, 8);
+  DCGQ_CHECK_ALIGNED(fn, "wscales", a->wscales, a->fmt == DCGQ_FORMAT_INT4 ? 2 : 1);
+  DCGQ_CHECK_ALIGNED(fn, "out", a->out, 2);
+  if (a->bias != nullptr) DCGQ_CHECK_ALIGNED(fn, "bias", a->bias, 2);
+  if (a->wtscale != nullptr) DCGQ_CHECK_ALIGNED(fn, "wtscale", a->wtscale, 4);
   return DCGQ_SUCCESS;
 }
 

@@ -22,7 +22,7 @@ dcgq_status quantize_act_host(const dcgq_quantize_act_args& a) {
   const uint16_t* smooth = static_cast<const uint16_t*>(a.smooth);
   const uint16_t* down = static_cast<const uint16_t*>(a.lora_down);
   uint8_t* q = static_cast<uint8_t*>(a.q);
-  std::vector<float> xf(size_t(k)), xs(size_t(g));
+  std::vector<float> xf(static_cast<size_t>(k)), xs(static_cast<size_t>(g));
 
   for (int64_t m = 0; m < a.m; ++m) {
     for (int64_t i = 0; i < k; ++i) xf[size_t(i)] = to_f32(x[m * a.ldx + i]);

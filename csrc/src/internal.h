@@ -33,12 +33,12 @@ dcgq_status cuda_status(int cuda_error, const char* what);
 
 #define DCGQ_CHECK_ARG(cond, ...) DCGQ_CHECK(cond, DCGQ_ERROR_INVALID_ARGUMENT, __VA_ARGS__)
 
-#define DCGQ_CHECK_NOT_NULL(fn, ptr) \
-  DCGQ_CHECK_ARG((ptr) != nullptr, "%s: argument '%s' is NULL; expected a device pointer", fn, #ptr)
+#define DCGQ_CHECK_NOT_NULL(fn, name, ptr) \
+  DCGQ_CHECK_ARG((ptr) != nullptr, "%s: argument '%s' is NULL; expected a pointer", fn, name)
 
-#define DCGQ_CHECK_ALIGNED(fn, ptr, bytes)                                                   \
+#define DCGQ_CHECK_ALIGNED(fn, name, ptr, bytes)                                             \
   DCGQ_CHECK((reinterpret_cast<uintptr_t>(ptr) % (bytes)) == 0, DCGQ_ERROR_MISALIGNED,        \
-             "%s: argument '%s' = %p is not %d-byte aligned", fn, #ptr, (const void*)(ptr), \
+             "%s: argument '%s' = %p is not %d-byte aligned", fn, name, (const void*)(ptr),  \
              (int)(bytes))
 
 #define DCGQ_RETURN_IF_ERROR(expr)          \

@@ -37,6 +37,19 @@ std::string arch_name(const KernelEntry& e) {
   return std::to_string(e.sm) + (e.arch_specific ? "a" : "");
 }
 
+// What the library's sources implement (independent of what this build compiled).
+const char* supported_archs(dcgq_op op, dcgq_format fmt) {
+  if (op != DCGQ_OP_GEMM_W4A4) return "sm_80, sm_86, sm_89, sm_90a, sm_120a";
+  if (fmt == DCGQ_FORMAT_NVFP4) return "sm_120a (block-scaled FP4 MMA)";
+  return "sm_80, sm_86, sm_89 (4-bit MMA), sm_90a (INT8 wgmma / mma.sync), sm_120a (mma.sync s8)";
+}
+
+bool supports(dcgq_op op, dcgq_format fmt, int major, int minor) {
+  const int cc = major * 10 + minor;
+  if (op == DCGQ_OP_GEMM_W4A4 && fmt == DCGQ_FORMAT_NVFP4) return cc == 120;
+  return major == 8 || cc == 90 || cc == 120;
+}
+
 bool runs_on(const KernelEntry& e, int major, int minor) {
   const int cc = major * 10 + minor;
   if (e.arch_specific) return e.sm == cc;
@@ -101,11 +114,15 @@ const KernelEntry* find_kernel(dcgq_op op, dcgq_format fmt, dcgq_variant variant
   } else if (!arch_matches) {
     std::string list;
     for (const std::string& a : archs_with_op) list += (list.empty() ? "" : ", ") + a;
+    const bool supported = supports(op, fmt, major, minor);
     *status = fail(DCGQ_ERROR_ARCH_NOT_BUILT,
                    "%s for format %s has no kernel for compute capability %d.%d in this build "
-                   "(kernels for: %s); rebuild with DCGEN_QUANT_CUDA_ARCHS including this "
-                   "architecture, or use the triton backend",
-                   op_name(op), fmt_name(fmt), major, minor, list.c_str());
+                   "(built for %s; the library implements it for %s); %s",
+                   op_name(op), fmt_name(fmt), major, minor, list.c_str(),
+                   supported_archs(op, fmt),
+                   supported ? "rebuild with this architecture in DCGEN_QUANT_CUDA_ARCHS, or use "
+                               "the triton backend"
+                             : "use the triton or reference backend on this GPU");
   } else {
     *status = fail(DCGQ_ERROR_UNSUPPORTED,
                    "%s for format %s: variant %d is not available on compute capability %d.%d "
