@@ -108,10 +108,10 @@ static void check_validation(void) {
 
   expect("capability: gemm_w4a4 int4 on sm_75",
          dcgq_check_compute_capability(DCGQ_OP_GEMM_W4A4, DCGQ_FORMAT_INT4, 7, 5),
-         DCGQ_ERROR_ARCH_NOT_BUILT);
+         DCGQ_ERROR_UNSUPPORTED);
   expect("capability: gemm_w4a4 nvfp4 on sm_90",
          dcgq_check_compute_capability(DCGQ_OP_GEMM_W4A4, DCGQ_FORMAT_NVFP4, 9, 0),
-         DCGQ_ERROR_ARCH_NOT_BUILT);
+         DCGQ_ERROR_UNSUPPORTED);
   expect("capability: gemm_w4a4 int4 on sm_90",
          dcgq_check_compute_capability(DCGQ_OP_GEMM_W4A4, DCGQ_FORMAT_INT4, 9, 0),
          has_arch("90a") ? DCGQ_SUCCESS : DCGQ_ERROR_ARCH_NOT_BUILT);

@@ -7,11 +7,11 @@
 // wgmma's accumulator fragments have the same layout per warp and 8-column slice.
 //
 // Low-rank branch on tensor cores: y += lora_act @ proj_up^T with mma.sync m16n8k16 bf16 and
-// fp32 accumulation into the GEMM accumulators. lora_act is float32, so it is split into
-// bf16 hi + lo (hi = bf16(v), lo = bf16(v - hi), |v - hi - lo| <= 2^-17 |v|); proj_up in bf16 is
-// exact, in fp16 it is split the same way (exactly: 11 significant bits = 8 + 3). The products
-// hi*hi, lo*hi (and hi*lo for fp16) are exact in fp32; only the lo*lo term (2^-16 relative) is
-// dropped, far below the output rounding.
+// fp32 accumulation into the GEMM accumulators. lora_act is float32, so it is split into bf16
+// terms hi + mid (+ lo for float32 outputs); proj_up in bf16 is exact, in fp16 it splits exactly
+// into hi + lo (11 significant bits = 8 + 3). Every product of bf16 terms is exact in fp32; the
+// dropped cross terms are below 2^-16 relative (16-bit outputs, which round at 2^-9) or 2^-24
+// (float32 outputs).
 #pragma once
 
 #include "common.cuh"
@@ -45,10 +45,17 @@ __device__ __forceinline__ void load_packed_tile(uint8_t* tile, const uint8_t* s
   }
 }
 
-__device__ __forceinline__ void split_bf16x2(float v0, float v1, uint32_t* hi, uint32_t* lo) {
-  const __nv_bfloat16 h0 = __float2bfloat16_rn(v0), h1 = __float2bfloat16_rn(v1);
-  *hi = dev::pack_bf16x2(__bfloat162float(h0), __bfloat162float(h1));
-  *lo = dev::pack_bf16x2(v0 - __bfloat162float(h0), v1 - __bfloat162float(h1));
+// v = hi + mid + lo with bf16 parts (each the bf16 rounding of what is left; the float32
+// residuals are exact): |v - hi - mid| <= 2^-17 |v|, |v - hi - mid - lo| <= 2^-25 |v|.
+__device__ __forceinline__ void split_bf16x3(float v0, float v1, uint32_t* hi, uint32_t* mid,
+                                             uint32_t* lo) {
+  const float h0 = __bfloat162float(__float2bfloat16_rn(v0));
+  const float h1 = __bfloat162float(__float2bfloat16_rn(v1));
+  const float m0 = __bfloat162float(__float2bfloat16_rn(v0 - h0));
+  const float m1 = __bfloat162float(__float2bfloat16_rn(v1 - h1));
+  *hi = dev::pack_bf16x2(h0, h1);
+  *mid = dev::pack_bf16x2(m0, m1);
+  *lo = dev::pack_bf16x2(v0 - h0 - m0, v1 - h1 - m1);
 }
 
 __device__ __forceinline__ void store_out(void* out, int64_t idx, float v, dcgq_dtype dt) {
@@ -89,10 +96,13 @@ __device__ __forceinline__ void w4a4_epilogue(float (&acc)[MT][NT][4], int64_t r
   const int rank = int(a.rank);
   if (rank > 0) {
     const bool p_bf16 = a.io_dtype == DCGQ_DTYPE_BFLOAT16;
+    // float32 outputs get a third bf16 term of lora_act (24 bits in all, float32 accuracy);
+    // 16-bit outputs round far above the two-term error (2^-17)
+    const bool precise = a.out_dtype == DCGQ_DTYPE_FLOAT32;
     const float* la = a.lora_act;
 #pragma unroll 1
     for (int r0 = 0; r0 < rank; r0 += 16) {
-      uint32_t ahi[MT][4], alo[MT][4];
+      uint32_t ahi[MT][4], amid[MT][4], alo[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
 #pragma unroll
@@ -102,13 +112,13 @@ __device__ __forceinline__ void w4a4_epilogue(float (&acc)[MT][NT][4], int64_t r
           const bool rok = row < a.m;
           const float v0 = (rok && col < rank) ? __ldg(la + row * a.ld_lora_act + col) : 0.0f;
           const float v1 = (rok && col + 1 < rank) ? __ldg(la + row * a.ld_lora_act + col + 1) : 0.0f;
-          split_bf16x2(v0, v1, &ahi[i][q], &alo[i][q]);
+          split_bf16x3(v0, v1, &ahi[i][q], &amid[i][q], &alo[i][q]);
         }
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const int64_t n = col0 + 8 * j + g;
-        uint32_t bhi[2], blo[2];
+        uint32_t bhi[2], blo[2], unused[2];
 #pragma unroll
         for (int q = 0; q < 2; ++q) {  // b0: k 2t, 2t + 1; b1: k 2t + 8, 2t + 9 (column n)
           const int col = r0 + 2 * t + 8 * q;
@@ -119,13 +129,17 @@ __device__ __forceinline__ void w4a4_epilogue(float (&acc)[MT][NT][4], int64_t r
           const float p1 = (nok && col + 1 < rank)
                                ? dev::load_half(a.proj_up, n * a.ld_proj_up + col + 1, p_bf16)
                                : 0.0f;
-          split_bf16x2(p0, p1, &bhi[q], &blo[q]);
+          split_bf16x3(p0, p1, &bhi[q], &blo[q], &unused[q]);  // exact: 11 bits = 8 + 3
         }
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
           dev::mma_16816(acc[i][j], ahi[i], bhi[0], bhi[1], true);
-          dev::mma_16816(acc[i][j], alo[i], bhi[0], bhi[1], true);
+          dev::mma_16816(acc[i][j], amid[i], bhi[0], bhi[1], true);
           if (!p_bf16) dev::mma_16816(acc[i][j], ahi[i], blo[0], blo[1], true);
+          if (precise) {
+            dev::mma_16816(acc[i][j], alo[i], bhi[0], bhi[1], true);
+            if (!p_bf16) dev::mma_16816(acc[i][j], amid[i], blo[0], blo[1], true);
+          }
         }
       }
     }

@@ -106,23 +106,21 @@ const KernelEntry* find_kernel(dcgq_op op, dcgq_format fmt, dcgq_variant variant
     *status = DCGQ_SUCCESS;
     return best;
   }
-  if (!op_fmt_built) {
+  std::string list;
+  for (const std::string& a : archs_with_op) list += (list.empty() ? "" : ", ") + a;
+  if (!supports(op, fmt, major, minor)) {
     *status = fail(DCGQ_ERROR_UNSUPPORTED,
-                   "%s for format %s is not in this build of the CUDA library (built "
-                   "architectures: %s); use the triton or reference backend",
-                   op_name(op), fmt_name(fmt), built_architectures());
+                   "%s for format %s is not implemented for compute capability %d.%d (the "
+                   "library implements it for %s); use the triton or reference backend on this "
+                   "GPU",
+                   op_name(op), fmt_name(fmt), major, minor, supported_archs(op, fmt));
   } else if (!arch_matches) {
-    std::string list;
-    for (const std::string& a : archs_with_op) list += (list.empty() ? "" : ", ") + a;
-    const bool supported = supports(op, fmt, major, minor);
     *status = fail(DCGQ_ERROR_ARCH_NOT_BUILT,
                    "%s for format %s has no kernel for compute capability %d.%d in this build "
-                   "(built for %s; the library implements it for %s); %s",
-                   op_name(op), fmt_name(fmt), major, minor, list.c_str(),
-                   supported_archs(op, fmt),
-                   supported ? "rebuild with this architecture in DCGEN_QUANT_CUDA_ARCHS, or use "
-                               "the triton backend"
-                             : "use the triton or reference backend on this GPU");
+                   "(built for: %s); rebuild with this architecture in DCGEN_QUANT_CUDA_ARCHS "
+                   "(supported: %s), or use the triton backend",
+                   op_name(op), fmt_name(fmt), major, minor,
+                   op_fmt_built ? list.c_str() : "none", supported_archs(op, fmt));
   } else {
     *status = fail(DCGQ_ERROR_UNSUPPORTED,
                    "%s for format %s: variant %d is not available on compute capability %d.%d "

@@ -57,9 +57,11 @@ typedef enum dcgq_status {
   DCGQ_SUCCESS = 0,
   DCGQ_ERROR_INVALID_ARGUMENT = 1, /* null pointer, bad shape, stride or enum value */
   DCGQ_ERROR_MISALIGNED = 2,       /* pointer or row stride not aligned as documented */
-  DCGQ_ERROR_UNSUPPORTED = 3,      /* valid request this library does not implement */
+  DCGQ_ERROR_UNSUPPORTED = 3,      /* valid request the library does not implement (e.g. a GPU
+                                      architecture or format/rank it has no kernel for) */
   DCGQ_ERROR_NO_DEVICE = 4,        /* no usable CUDA device (driver missing, none visible) */
-  DCGQ_ERROR_ARCH_NOT_BUILT = 5,   /* the device's architecture has no kernel in this build */
+  DCGQ_ERROR_ARCH_NOT_BUILT = 5,   /* implemented, but this build did not compile the device's
+                                      architecture (see DCGEN_QUANT_CUDA_ARCHS) */
   DCGQ_ERROR_CUDA = 6              /* a CUDA runtime call or kernel launch failed */
 } dcgq_status;
 
@@ -166,7 +168,8 @@ DCGQ_API dcgq_status dcgq_quantize_act_host(const dcgq_quantize_act_args* args);
 
 /* ---- capabilities ---- */
 /* SUCCESS if this build has a kernel for `op` / `fmt` on compute capability major.minor, else
- * UNSUPPORTED or ARCH_NOT_BUILT with a message naming what is missing. No GPU needed. */
+ * UNSUPPORTED (not implemented there) or ARCH_NOT_BUILT (implemented, not compiled) with a
+ * message naming what is missing. No GPU needed. */
 DCGQ_API dcgq_status dcgq_check_compute_capability(dcgq_op op, dcgq_format fmt, int major,
                                                    int minor);
 /* The same for CUDA device `device` (NO_DEVICE when the runtime finds none). */
