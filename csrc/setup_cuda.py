@@ -129,9 +129,7 @@ def build_cuda_library(out_dir: Path, build_dir: Path, ext_filename: str) -> dic
     t0 = time.monotonic()
     nvcc = find_nvcc()
     archs = parse_archs(os.environ.get("DCGEN_QUANT_CUDA_ARCHS"))
-    sources = sorted(
-        s for s in (CSRC / "instantiations").glob("*.cu") if arch_of(s) in archs
-    )
+    sources = sorted(s for s in (CSRC / "instantiations").glob("*.cu") if arch_of(s) in archs)
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     nvcc_version = (re.findall(r"V(\d+\.\d+\.\d+)", version) or ["unknown"])[0]
     import pybind11
@@ -180,8 +178,7 @@ def build_cuda_library(out_dir: Path, build_dir: Path, ext_filename: str) -> dic
     ninja = _ninja()
     if ninja is None:
         raise CudaBuildError("ninja is required to build the CUDA library (pip install ninja)")
-    proc = subprocess.run([ninja, "-C", str(build_dir), "-j", jobs], text=True,
-                          capture_output=True)
+    proc = subprocess.run([ninja, "-C", str(build_dir), "-j", jobs], text=True, capture_output=True)
     if proc.returncode != 0:
         raise CudaBuildError(
             "building the dcgen_quant CUDA library failed (set DCGEN_QUANT_SKIP_CUDA=1 to "
@@ -281,6 +278,11 @@ class BuildExt(build_ext):
         outputs = super().get_outputs()
         out_dir = getattr(self, "_cuda_out_dir", None)
         if out_dir is not None:
-            outputs += [str(p) for p in out_dir.rglob("*") if p.is_file() and p.name in
-                        (LIBRARY, BUILD_INFO, "dcgen_quant.h") and str(p) not in outputs]
+            outputs += [
+                str(p)
+                for p in out_dir.rglob("*")
+                if p.is_file()
+                and p.name in (LIBRARY, BUILD_INFO, "dcgen_quant.h")
+                and str(p) not in outputs
+            ]
         return outputs

@@ -48,8 +48,7 @@ def test_example_checks_arguments_without_crashing(example):
         "quantize_act(args = NULL)": "DCGQ_ERROR_INVALID_ARGUMENT: dcgq_quantize_act: argument "
         "'args' is NULL",
         "quantize_act(x = NULL)": "argument 'x' is NULL",
-        "gemm_w4a4(k = 96, int4)": "k = 96; expected a positive multiple of the int4 group "
-        "size 64",
+        "gemm_w4a4(k = 96, int4)": "k = 96; expected a positive multiple of the int4 group size 64",
         "gemm_w4a4(nvfp4, wtscale = NULL)": "argument 'wtscale' is NULL",
         "capability: gemm_w4a4 int4 on sm_75": "DCGQ_ERROR_UNSUPPORTED: gemm_w4a4 for format "
         "int4 is not implemented for compute capability 7.5",

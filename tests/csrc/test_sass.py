@@ -75,7 +75,9 @@ def test_every_gemm_uses_the_intended_tensor_core_instruction():
         families = {f for (a, f) in sass if a == arch and f.startswith("gemm_w4a4")}
         wanted = {f for f, e in EXPECTED.items() if arch in e["archs"]}
         if families != wanted:
-            problems.append(f"sm_{arch}: GEMM kernels {sorted(families)}, expected {sorted(wanted)}")
+            problems.append(
+                f"sm_{arch}: GEMM kernels {sorted(families)}, expected {sorted(wanted)}"
+            )
     for family, spec in EXPECTED.items():
         pattern, minimum = spec["need"]
         for arch in sorted(spec["archs"] & built):
