@@ -26,6 +26,9 @@ from .formats.layouts import CANONICAL
 
 _HERE = Path(__file__).resolve().parent
 _LAYOUTS = {"canonical": 0, "split_halves": 1}
+# The W4A16 kernel is a CUDA-core GEMV (AdaLayerNorm layers: M = batch). Larger M re-reads the
+# weights per 4 rows and runs without tensor cores; such calls go to the next backend.
+W4A16_MAX_M = 64
 _VARIANTS = {"auto": 0, "mma": 1, "wgmma": 2}
 
 
@@ -283,6 +286,11 @@ def gemm_w4a16(x, qweight, wscales, bias, wtscale, fmt, layout=CANONICAL):
     if bias is not None and bias.dtype != x.dtype:
         raise _unsupported(f"bias has dtype {bias.dtype}; the kernel needs x's {x.dtype}")
     m, k = x.shape
+    if m > W4A16_MAX_M:
+        raise _unsupported(
+            f"x has M={m} rows; the CUDA W4A16 kernel is a GEMV for M <= {W4A16_MAX_M} "
+            "(larger M runs faster on the triton backend's tensor-core GEMM)"
+        )
     n = qweight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:

@@ -36,7 +36,8 @@ constexpr int kHPackedSlot = 2 * kHBM * kHPitch;  // A + B packed tiles
 constexpr int kHSlots = 3;
 constexpr int kHInt8Tile = kHBM * 128;          // 128 rows x 128 int8 (swizzled)
 constexpr int kHInt8Buf = 2 * kHInt8Tile;       // A + B
-constexpr int kHScaleBuf = 4 * 128 * 4;         // sa[2][128], sw[2][128] floats
+constexpr int kHScaleFloats = 4 * 128;          // sa[2][128], sw[2][128] per stage
+constexpr int kHScaleBuf = kHScaleFloats * 4;   // bytes
 constexpr int kHSmem = 1024 /*alignment slack*/ + 2 * kHInt8Buf + kHSlots * kHPackedSlot +
                        2 * kHScaleBuf;
 constexpr int kHMagicBits = 0x4B400000;
@@ -123,7 +124,7 @@ __global__ void __launch_bounds__(kHThreads, 1)
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* int8buf = smem;                                // 2 x (A, B), 1024-aligned
   uint8_t* packed = smem + 2 * kHInt8Buf;                 // 3 slots x (A, B)
-  float* scalebuf = reinterpret_cast<float*>(packed + kHSlots * kHPackedSlot);  // 2 x 1024 floats
+  float* scalebuf = reinterpret_cast<float*>(packed + kHSlots * kHPackedSlot);  // 2 buffers
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, w4 = warp & 3, g = lane >> 2, t = lane & 3;
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kHThreads, 1)
     __syncthreads();
     const uint32_t abase = smem_u32(int8buf + buf * kHInt8Buf) + wg * 64 * 128;
     const uint32_t bbase = smem_u32(int8buf + buf * kHInt8Buf + kHInt8Tile);
-    const float* sbuf = scalebuf + buf * 1024;
+    const float* sbuf = scalebuf + buf * kHScaleFloats;
 
     wgmma_fence();
     wgmma_s8_m64n128k32(d0, wgmma_desc_sw128(abase), wgmma_desc_sw128(bbase), 0);
@@ -231,7 +232,7 @@ __global__ void __launch_bounds__(kHThreads, 1)
     // while group 2s runs: prefetch, and widen stage s + 1 into the other buffer
     load_packed(s + 3);
     if (s + 1 < stages) {
-      load_scales(s + 1, scalebuf + (buf ^ 1) * 1024);
+      load_scales(s + 1, scalebuf + (buf ^ 1) * kHScaleFloats);
       unpack_stage(packed + ((s + 1) % kHSlots) * kHPackedSlot, int8buf + (buf ^ 1) * kHInt8Buf);
       fence_proxy_async();
     }

@@ -58,3 +58,22 @@ def cuobjdump() -> str:
     if found is None:
         pytest.fail("cuobjdump not found: install the [test] extra (triton ships it)")
     return found
+
+
+def compile_example(out_dir: Path) -> Path:
+    """Compile examples/abi_example.c against the installed library (nvcc drives the host C
+    compiler and links the static CUDA runtime); returns the executable."""
+    import subprocess
+
+    from dcgen_quant import capabilities
+
+    exe = out_dir / "abi_example"
+    lib_dir = library_path().parent
+    cmd = [
+        capabilities.nvcc_path(), "-O2", str(ROOT / "examples" / "abi_example.c"),
+        f"-I{CSRC / 'include'}", f"-L{lib_dir}", "-ldcgen_quant", f"-Xlinker=-rpath,{lib_dir}",
+        "-lm", "-o", str(exe),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return exe

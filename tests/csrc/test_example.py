@@ -14,7 +14,7 @@ import pytest
 
 from dcgen_quant import capabilities
 
-from ._build import CSRC, ROOT, build_info, library_path
+from ._build import CSRC, build_info, compile_example
 
 pytestmark = pytest.mark.nvcc
 
@@ -22,17 +22,7 @@ pytestmark = pytest.mark.nvcc
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     build_info()
-    exe = tmp_path_factory.mktemp("example") / "abi_example"
-    lib_dir = library_path().parent
-    # nvcc compiles the .c file with the host C compiler and links the static CUDA runtime
-    cmd = [
-        capabilities.nvcc_path(), "-O2", str(ROOT / "examples" / "abi_example.c"),
-        f"-I{CSRC / 'include'}", f"-L{lib_dir}", "-ldcgen_quant", f"-Xlinker=-rpath,{lib_dir}",
-        "-lm", "-o", str(exe),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return exe
+    return compile_example(tmp_path_factory.mktemp("example"))
 
 
 def _run(exe):

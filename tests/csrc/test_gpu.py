@@ -209,5 +209,24 @@ def test_unsupported_calls_raise_backend_unsupported(cb):
     x = torch.randn(4, 64, device="cuda")  # float32 activations: not served by the kernels
     with pytest.raises(ops.BackendUnsupported, match="bfloat16 or float16"):
         cb.quantize_act(x, None, None, "int4", "canonical")
+    qw = quantize_weight(torch.randn(8, 64), "int4", torch.bfloat16)
+    big = torch.randn(cb.W4A16_MAX_M + 1, 64, device="cuda").to(torch.bfloat16)
+    with pytest.raises(ops.BackendUnsupported, match="GEMV"):
+        cb.gemm_w4a16(big, qw.qweight.cuda(), qw.wscales.cuda(), None, None, "int4", "canonical")
     with pytest.raises(ops.BackendUnsupported, match="no attention kernel"):
         cb.attention(x[None, None], x[None, None], x[None, None], None)
+
+
+def test_c_example_end_to_end_on_the_gpu(cb, tmp_path):
+    """examples/abi_example.c on the GPU: quantize_act equals the CPU bit for bit, and the INT4
+    W4A4 GEMM with low-rank branch and bias matches a float64 host computation."""
+    import subprocess
+
+    _fmt_ok(cb, "gemm_w4a4", "int4")
+    from ._build import compile_example
+
+    proc = subprocess.run([str(compile_example(tmp_path))], capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "GPU codes and scales equal the CPU's bit for bit: yes" in out
+    assert "gemm_w4a4 on the GPU" in out and out.rstrip().endswith("OK")
