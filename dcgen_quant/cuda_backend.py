@@ -232,7 +232,7 @@ def gemm_w4a4(
     out = torch.empty((m, n), dtype=out_dtype, device=q.device)
     if m == 0 or n == 0:
         return out
-    q, qweight = _rows(q, 8, 16), _rows(qweight, 8, 16)
+    q, qweight = _rows(q, 8, 8), _rows(qweight, 8, 8)  # 16-byte aligned rows use 16-byte copies
     scales, wscales = _rows(scales), _rows(wscales)
     if rank:
         lora_act = _rows(lora_act.to(torch.float32), 1, 4)

@@ -138,7 +138,7 @@ def test_gemm_w4a4_split_halves_and_strided_inputs(cb, fmt):
     wide = torch.zeros(m, k // 2 + 16, dtype=torch.uint8, device="cuda")
     wide[:, 8 : 8 + k // 2] = dev[0]
     strided = list(dev)
-    strided[0] = wide[:, 8 : 8 + k // 2]  # row stride k/2 + 16, 8-byte offset
+    strided[0] = wide[:, 8 : 8 + k // 2]  # row stride k/2 + 16, 8-byte offset: 8-byte copies
     torch.testing.assert_close(cb.gemm_w4a4(*strided, fmt, torch.float32, "canonical"), want,
                                rtol=0, atol=0)  # fmt: skip
 
