@@ -164,7 +164,9 @@ __global__ void __launch_bounds__(kHThreads, 1)
     }
   };
 
-  int d0[64], d1[64];
+  int d0[64], d1[64];  // every group starts with scale-d = 0; zeroed so no read is undefined
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d0[i] = d1[i] = 0;
   float acc[1][16][4];
 #pragma unroll
   for (int j = 0; j < 16; ++j)
