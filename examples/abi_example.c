@@ -13,13 +13,12 @@
  *    computation. Without one it reports DCGQ_ERROR_NO_DEVICE (or the missing architecture).
  * Exit status 0 when every check behaves as documented.
  */
+#include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <cuda_runtime_api.h>
 
 #include "dcgen_quant/dcgen_quant.h"
 
@@ -103,8 +102,7 @@ static void check_validation(void) {
   ga.scale_dtype = DCGQ_DTYPE_FLOAT8_E4M3;
   ga.k = 128;
   ga.wtscale = NULL; /* NVFP4 needs its tensor scale */
-  expect("gemm_w4a4(nvfp4, wtscale = NULL)", dcgq_gemm_w4a4(&ga, 0),
-         DCGQ_ERROR_INVALID_ARGUMENT);
+  expect("gemm_w4a4(nvfp4, wtscale = NULL)", dcgq_gemm_w4a4(&ga, 0), DCGQ_ERROR_INVALID_ARGUMENT);
 
   expect("capability: gemm_w4a4 int4 on sm_75",
          dcgq_check_compute_capability(DCGQ_OP_GEMM_W4A4, DCGQ_FORMAT_INT4, 7, 5),
@@ -177,7 +175,8 @@ static double reference(const problem* p, int m, int n) {
   return y + from_bf16(p->bias[n]);
 }
 
-#define CUDA_OK(call) (((call) == cudaSuccess) ? 1 : (printf("  %s failed\n", #call), failures++, 0))
+#define CUDA_OK(call) \
+  (((call) == cudaSuccess) ? 1 : (printf("  %s failed\n", #call), failures++, 0))
 
 static void run_gpu(problem* p) {
   int devices = 0, dev = 0, major = 0, minor = 0;
@@ -198,9 +197,9 @@ static void run_gpu(problem* p) {
     printf("GPU sm_%d%d: %s; skipping the GPU run\n", major, minor, dcgq_last_error_message());
     return;
   }
-  printf("GPU sm_%d%d: gemm_w4a4 kernel %s\n", major, minor,
-         dcgq_selected_kernel(DCGQ_OP_GEMM_W4A4, DCGQ_FORMAT_INT4, DCGQ_VARIANT_AUTO, major,
-                              minor));
+  printf(
+      "GPU sm_%d%d: gemm_w4a4 kernel %s\n", major, minor,
+      dcgq_selected_kernel(DCGQ_OP_GEMM_W4A4, DCGQ_FORMAT_INT4, DCGQ_VARIANT_AUTO, major, minor));
 
   /* device copies of everything; outputs poisoned first */
   void *dx, *dsm, *ddown, *dq, *dsc, *dla, *dqw, *dwsc, *dup, *dbias, *dy;
@@ -208,7 +207,8 @@ static void run_gpu(problem* p) {
   if (!(CUDA_OK(cudaMalloc(&dx, sx)) && CUDA_OK(cudaMalloc(&dsm, sizeof(p->smooth))) &&
         CUDA_OK(cudaMalloc(&ddown, sizeof(p->down))) && CUDA_OK(cudaMalloc(&dq, sq)) &&
         CUDA_OK(cudaMalloc(&dsc, ssc)) && CUDA_OK(cudaMalloc(&dla, sla)) &&
-        CUDA_OK(cudaMalloc(&dqw, sizeof(p->qw))) && CUDA_OK(cudaMalloc(&dwsc, sizeof(p->wscales))) &&
+        CUDA_OK(cudaMalloc(&dqw, sizeof(p->qw))) &&
+        CUDA_OK(cudaMalloc(&dwsc, sizeof(p->wscales))) &&
         CUDA_OK(cudaMalloc(&dup, sizeof(p->up))) && CUDA_OK(cudaMalloc(&dbias, sizeof(p->bias))) &&
         CUDA_OK(cudaMalloc(&dy, sizeof(float) * M * N))))
     return;

@@ -19,9 +19,9 @@
 namespace dcgq {
 namespace {
 
-constexpr int kPackedTileRows = 128;   // rows of a packed operand tile (BM = BN = 128)
-constexpr int kPackedRowBytes = 64;    // packed bytes per row per stage (128 codes)
-constexpr int kPackedPitch = 80;       // shared row pitch: 5 x 16 bytes, ldmatrix conflict-free
+constexpr int kPackedTileRows = 128;  // rows of a packed operand tile (BM = BN = 128)
+constexpr int kPackedRowBytes = 64;   // packed bytes per row per stage (128 codes)
+constexpr int kPackedPitch = 80;      // shared row pitch: 5 x 16 bytes, ldmatrix conflict-free
 
 // Copy rows [r0, r0 + 128) x bytes [byte0, byte0 + 64) of a packed matrix into a shared tile
 // (pitch 80), zero-filling rows >= rows and bytes >= row_bytes; 256 threads, cp.async (the
@@ -81,9 +81,8 @@ __device__ __forceinline__ void store_out2(void* out, int64_t idx, float v0, flo
 
 // row0 / col0: the first output row / column of this warp's fragments.
 template <int MT, int NT>
-__device__ __forceinline__ void w4a4_epilogue(float (&acc)[MT][NT][4], int64_t row0,
-                                              int64_t col0, float scale,
-                                              const dcgq_gemm_w4a4_args& a) {
+__device__ __forceinline__ void w4a4_epilogue(float (&acc)[MT][NT][4], int64_t row0, int64_t col0,
+                                              float scale, const dcgq_gemm_w4a4_args& a) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   if (a.wtscale != nullptr) scale *= __ldg(a.wtscale);
 #pragma unroll
@@ -106,12 +105,14 @@ __device__ __forceinline__ void w4a4_epilogue(float (&acc)[MT][NT][4], int64_t r
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {  // a0: (g, k), a1: (g + 8, k), a2: (g, k + 8), a3: (g + 8, k + 8)
+        for (int q = 0; q < 4;
+             ++q) {  // a0: (g, k), a1: (g + 8, k), a2: (g, k + 8), a3: (g + 8, k + 8)
           const int64_t row = row0 + 16 * i + g + 8 * (q & 1);
           const int col = r0 + 2 * t + 8 * (q >> 1);
           const bool rok = row < a.m;
           const float v0 = (rok && col < rank) ? __ldg(la + row * a.ld_lora_act + col) : 0.0f;
-          const float v1 = (rok && col + 1 < rank) ? __ldg(la + row * a.ld_lora_act + col + 1) : 0.0f;
+          const float v1 =
+              (rok && col + 1 < rank) ? __ldg(la + row * a.ld_lora_act + col + 1) : 0.0f;
           split_bf16x3(v0, v1, &ahi[i][q], &amid[i][q], &alo[i][q]);
         }
       }

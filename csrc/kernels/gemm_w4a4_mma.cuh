@@ -36,9 +36,9 @@ constexpr int kGBM = 128, kGBN = 128;
 constexpr int kGRowBytes = kPackedRowBytes;
 constexpr int kGPitch = kPackedPitch;
 constexpr int kGStages = 3;
-constexpr int kGTile = kGBM * kGPitch;       // bytes of one operand tile per stage
+constexpr int kGTile = kGBM * kGPitch;  // bytes of one operand tile per stage
 constexpr int kGSmem = kGStages * 2 * kGTile;
-constexpr int kMagicBits = 0x4B400000;       // 1.5 * 2^23 as float32 bits
+constexpr int kMagicBits = 0x4B400000;  // 1.5 * 2^23 as float32 bits
 constexpr float kMagic = 12582912.0f;
 
 template <MmaKind kKind>
@@ -103,9 +103,10 @@ __global__ void __launch_bounds__(kGThreads, 1)
 #pragma unroll
           for (int b = 0; b < 4; ++b) {
             const int kb = 4 * ks + b;
-            const uint32_t v = (row < a.m && kb < kblocks)
-                                   ? __ldg(static_cast<const uint8_t*>(a.scales) + row * a.ld_scales + kb)
-                                   : 0u;
+            const uint32_t v =
+                (row < a.m && kb < kblocks)
+                    ? __ldg(static_cast<const uint8_t*>(a.scales) + row * a.ld_scales + kb)
+                    : 0u;
             sfa[p] |= v << (8 * b);
           }
         }
@@ -113,9 +114,10 @@ __global__ void __launch_bounds__(kGThreads, 1)
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
           const int kb = 4 * ks + b;
-          const uint32_t v = (col < a.n && kb < kblocks)
-                                 ? __ldg(static_cast<const uint8_t*>(a.wscales) + kb * a.ld_wscales + col)
-                                 : 0u;
+          const uint32_t v =
+              (col < a.n && kb < kblocks)
+                  ? __ldg(static_cast<const uint8_t*>(a.wscales) + kb * a.ld_wscales + col)
+                  : 0u;
           sfb |= v << (8 * b);
         }
       } else {
@@ -238,9 +240,9 @@ __global__ void __launch_bounds__(kGThreads, 1)
 template <MmaKind kKind>
 dcgq_status launch_gemm_w4a4_mma(const dcgq_gemm_w4a4_args& a, cudaStream_t stream) {
   auto kernel = gemm_w4a4_mma_kernel<kKind>;
-  DCGQ_RETURN_IF_ERROR(cuda_status(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGSmem),
-      "gemm_w4a4: cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"));
+  DCGQ_RETURN_IF_ERROR(
+      cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGSmem),
+                  "gemm_w4a4: cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"));
   const bool vec16 = a.ldq % 16 == 0 && a.ldqw % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(a.q) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(a.qweight) % 16 == 0;

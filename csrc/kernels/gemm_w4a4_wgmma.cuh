@@ -34,12 +34,12 @@ constexpr int kHRowBytes = kPackedRowBytes;
 constexpr int kHPitch = kPackedPitch;
 constexpr int kHPackedSlot = 2 * kHBM * kHPitch;  // A + B packed tiles
 constexpr int kHSlots = 3;
-constexpr int kHInt8Tile = kHBM * 128;          // 128 rows x 128 int8 (swizzled)
-constexpr int kHInt8Buf = 2 * kHInt8Tile;       // A + B
-constexpr int kHScaleFloats = 4 * 128;          // sa[2][128], sw[2][128] per stage
-constexpr int kHScaleBuf = kHScaleFloats * 4;   // bytes
-constexpr int kHSmem = 1024 /*alignment slack*/ + 2 * kHInt8Buf + kHSlots * kHPackedSlot +
-                       2 * kHScaleBuf;
+constexpr int kHInt8Tile = kHBM * 128;         // 128 rows x 128 int8 (swizzled)
+constexpr int kHInt8Buf = 2 * kHInt8Tile;      // A + B
+constexpr int kHScaleFloats = 4 * 128;         // sa[2][128], sw[2][128] per stage
+constexpr int kHScaleBuf = kHScaleFloats * 4;  // bytes
+constexpr int kHSmem =
+    1024 /*alignment slack*/ + 2 * kHInt8Buf + kHSlots * kHPackedSlot + 2 * kHScaleBuf;
 constexpr int kHMagicBits = 0x4B400000;
 constexpr float kHMagic = 12582912.0f;
 
@@ -71,7 +71,7 @@ __device__ __forceinline__ void fence_operands(int (&d)[64]) {
   for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 
-#define DCGQ_D8(i)                                                                        \
+#define DCGQ_D8(i)                                                                            \
   "+r"(d[i]), "+r"(d[i + 1]), "+r"(d[i + 2]), "+r"(d[i + 3]), "+r"(d[i + 4]), "+r"(d[i + 5]), \
       "+r"(d[i + 6]), "+r"(d[i + 7])
 
@@ -104,8 +104,8 @@ __device__ __forceinline__ void unpack_stage(const uint8_t* packed, uint8_t* int
   for (int it = 0; it < 4; ++it) {
     const int u = threadIdx.x + it * kHThreads;  // 0..1023
     const int op = u >> 9, row = u & 127, kb = (u >> 7) & 3;
-    const uint4 w = *reinterpret_cast<const uint4*>(packed + op * kHBM * kHPitch +
-                                                    row * kHPitch + kb * 16);
+    const uint4 w =
+        *reinterpret_cast<const uint4*>(packed + op * kHBM * kHPitch + row * kHPitch + kb * 16);
     const uint4 ev = make_uint4(dev::int4_even_x16(w.x), dev::int4_even_x16(w.y),
                                 dev::int4_even_x16(w.z), dev::int4_even_x16(w.w));
     const uint4 od = make_uint4(dev::int4_odd_x16(w.x), dev::int4_odd_x16(w.y),
@@ -120,10 +120,10 @@ __global__ void __launch_bounds__(kHThreads, 1)
     gemm_w4a4_wgmma_kernel(const dcgq_gemm_w4a4_args a, bool vec16) {
   using namespace dev;
   extern __shared__ __align__(16) uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint8_t* int8buf = smem;                                // 2 x (A, B), 1024-aligned
-  uint8_t* packed = smem + 2 * kHInt8Buf;                 // 3 slots x (A, B)
+  uint8_t* smem =
+      reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* int8buf = smem;                 // 2 x (A, B), 1024-aligned
+  uint8_t* packed = smem + 2 * kHInt8Buf;  // 3 slots x (A, B)
   float* scalebuf = reinterpret_cast<float*>(packed + kHSlots * kHPackedSlot);  // 2 buffers
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(kHThreads, 1)
     if (s < stages) {
       uint8_t* slot = packed + (s % kHSlots) * kHPackedSlot;
       load_packed_tile(slot, qa, a.ldq, m0, a.m, int64_t(s) * kHRowBytes, kbytes, vec16);
-      load_packed_tile(slot + kHBM * kHPitch, qw, a.ldqw, n0, a.n, int64_t(s) * kHRowBytes,
-                       kbytes, vec16);
+      load_packed_tile(slot + kHBM * kHPitch, qw, a.ldqw, n0, a.n, int64_t(s) * kHRowBytes, kbytes,
+                       vec16);
     }
     cp_async_commit();
   };
@@ -174,12 +174,12 @@ __global__ void __launch_bounds__(kHThreads, 1)
     for (int c = 0; c < 4; ++c) acc[0][j][c] = 0.0f;
 
   // acc += dot * sa * sw for one group; d holds 256 * dot.
-  auto rescale = [&](int (&d)[64], const float* sbuf, int h) {
+  auto rescale = [&](int(&d)[64], const float* sbuf, int h) {
     const float sa0 = sbuf[h * 128 + 64 * wg + 16 * w4 + g];
     const float sa1 = sbuf[h * 128 + 64 * wg + 16 * w4 + g + 8];
     const float n0a = -kHMagic * sa0, n1a = -kHMagic * sa1;
-    const bool fast = __all_sync(0xffffffffu, fabsf(n0a) <= 3.4028234663852886e38f &&
-                                                  fabsf(n1a) <= 3.4028234663852886e38f);
+    const bool fast = __all_sync(
+        0xffffffffu, fabsf(n0a) <= 3.4028234663852886e38f && fabsf(n1a) <= 3.4028234663852886e38f);
     const float* swp = sbuf + 256 + h * 128;
     if (fast) {  // warp-uniform
 #pragma unroll
@@ -257,10 +257,10 @@ __global__ void __launch_bounds__(kHThreads, 1)
 }
 
 dcgq_status launch_gemm_w4a4_wgmma(const dcgq_gemm_w4a4_args& a, cudaStream_t stream) {
-  DCGQ_RETURN_IF_ERROR(cuda_status(
-      cudaFuncSetAttribute(gemm_w4a4_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           kHSmem),
-      "gemm_w4a4 (wgmma): cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"));
+  DCGQ_RETURN_IF_ERROR(
+      cuda_status(cudaFuncSetAttribute(gemm_w4a4_wgmma_kernel,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kHSmem),
+                  "gemm_w4a4 (wgmma): cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"));
   const bool vec16 = a.ldq % 16 == 0 && a.ldqw % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(a.q) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(a.qweight) % 16 == 0;

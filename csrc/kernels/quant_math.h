@@ -95,9 +95,9 @@ DCGQ_HD uint16_t f32_to_f16(float f) {
   const uint32_t u = f32_bits(f);
   const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);  // NaN
-  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u); // >= 65520 rounds to infinity
-  if (a >= 0x38800000u) {                                // >= 2^-14: a normal half
+  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520 rounds to infinity
+  if (a >= 0x38800000u) {                                 // >= 2^-14: a normal half
     a += (uint32_t(15 - 127) << 23) + 0xfffu + ((a >> 13) & 1u);
     return uint16_t(sign | (a >> 13));
   }
@@ -114,7 +114,7 @@ DCGQ_HD float e4m3_to_f32(uint8_t b) {
   const uint32_t e = (b >> 3) & 0xfu;
   const uint32_t m = b & 7u;
   if (e == 15 && m == 7) return bits_f32(sign | 0x7fc00000u);  // the only NaN encoding
-  if (e == 0) {  // subnormal: m * 2^-9
+  if (e == 0) {                                                // subnormal: m * 2^-9
     const float v = float(m) * 0.001953125f;
     return bits_f32(f32_bits(v) | sign);
   }
@@ -126,8 +126,8 @@ DCGQ_HD uint8_t f32_to_e4m3_satfinite(float f) {
   const uint32_t u = f32_bits(f);
   const uint8_t sign = uint8_t((u >> 24) & 0x80u);
   uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return uint8_t(sign | 0x7fu);  // NaN
-  if (a >= 0x43e00000u) return uint8_t(sign | 0x7eu); // >= 448 (and inf): 448
+  if (a > 0x7f800000u) return uint8_t(sign | 0x7fu);   // NaN
+  if (a >= 0x43e00000u) return uint8_t(sign | 0x7eu);  // >= 448 (and inf): 448
   if (a < (121u << 23)) {
     // below 2^-6, the smallest normal: subnormal units of 2^-9; adding 2^14 aligns the value
     // to that unit (2^14 * 2^-23) with a round-to-nearest-even float addition.

@@ -105,8 +105,8 @@ __global__ void __launch_bounds__(kQThreads, 4)
         v[2 * i + 1] = half_bits_to_f32(uint16_t(w[i] >> 16), bf16);
       }
       if (a.smooth != nullptr && valid) {
-        const uint4 sraw = __ldg(reinterpret_cast<const uint4*>(
-            static_cast<const uint16_t*>(a.smooth) + gk));
+        const uint4 sraw =
+            __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.smooth) + gk));
         const uint32_t s[4] = {sraw.x, sraw.y, sraw.z, sraw.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(kQThreads, 4)
       uint32_t packed = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const uint32_t nib = kNvfp4 ? qmath::nvfp4_nibble(v[i], divisor)
-                                    : qmath::int4_nibble(v[i], divisor);
+        const uint32_t nib =
+            kNvfp4 ? qmath::nvfp4_nibble(v[i], divisor) : qmath::int4_nibble(v[i], divisor);
         packed |= nib << (4 * i);
       }
       const int s = ch % kLanesPerGroup;  // position of this lane's 8 elements in the group

@@ -33,7 +33,8 @@ void take(py::dict& kw, const char* name, T* out) {
 void reject_unknown(const py::dict& kw, const char* fn) {
   if (kw.size() == 0) return;
   std::string names;
-  for (auto item : kw) names += (names.empty() ? "" : ", ") + py::str(item.first).cast<std::string>();
+  for (auto item : kw)
+    names += (names.empty() ? "" : ", ") + py::str(item.first).cast<std::string>();
   throw py::value_error(std::string(fn) + ": unknown argument(s) " + names);
 }
 
@@ -112,9 +113,8 @@ PYBIND11_MODULE(_C, m) {
                                              static_cast<dcgq_format>(fmt), major, minor));
   });
   m.def("selected_kernel", [](int op, int fmt, int variant, int major, int minor) -> py::object {
-    const char* name =
-        dcgq_selected_kernel(static_cast<dcgq_op>(op), static_cast<dcgq_format>(fmt),
-                             static_cast<dcgq_variant>(variant), major, minor);
+    const char* name = dcgq_selected_kernel(static_cast<dcgq_op>(op), static_cast<dcgq_format>(fmt),
+                                            static_cast<dcgq_variant>(variant), major, minor);
     return name ? py::object(py::str(name)) : py::object(py::none());
   });
   m.def("last_error_message", [] { return std::string(dcgq_last_error_message()); });

@@ -41,16 +41,18 @@ dcgq_status check_k(const char* fn, dcgq_format fmt, int64_t k) {
 dcgq_status check_ld(const char* fn, const char* name, int64_t ld, int64_t cols, int multiple) {
   DCGQ_CHECK_ARG(ld >= cols, "%s: %s = %lld is smaller than the row length %lld", fn, name,
                  (long long)ld, (long long)cols);
-  DCGQ_CHECK(ld % multiple == 0, DCGQ_ERROR_MISALIGNED,
-             "%s: %s = %lld must be a multiple of %d", fn, name, (long long)ld, multiple);
+  DCGQ_CHECK(ld % multiple == 0, DCGQ_ERROR_MISALIGNED, "%s: %s = %lld must be a multiple of %d",
+             fn, name, (long long)ld, multiple);
   return DCGQ_SUCCESS;
 }
 
 dcgq_status current_capability(const char* fn, int* major, int* minor) {
   int device = -1;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the (non-sticky) error so later calls start clean
     return fail(DCGQ_ERROR_NO_DEVICE, "%s: no usable CUDA device: %s (%s)", fn,
@@ -65,11 +67,11 @@ dcgq_status validate_quantize_act(const char* fn, const dcgq_quantize_act_args* 
   DCGQ_CHECK_ARG(is_16bit(a->x_dtype),
                  "%s: x_dtype = %d; expected DCGQ_DTYPE_BFLOAT16 (2) or DCGQ_DTYPE_FLOAT16 (1)", fn,
                  int(a->x_dtype));
-  DCGQ_CHECK_ARG(a->m >= 0 && a->m < (int64_t(1) << 31), "%s: m = %lld; expected 0 <= m < 2^31",
-                 fn, (long long)a->m);
+  DCGQ_CHECK_ARG(a->m >= 0 && a->m < (int64_t(1) << 31), "%s: m = %lld; expected 0 <= m < 2^31", fn,
+                 (long long)a->m);
   DCGQ_RETURN_IF_ERROR(check_k(fn, a->fmt, a->k));
-  DCGQ_CHECK_ARG(a->rank >= 0 && a->rank <= 128, "%s: rank = %lld; expected 0 <= rank <= 128",
-                 fn, (long long)a->rank);
+  DCGQ_CHECK_ARG(a->rank >= 0 && a->rank <= 128, "%s: rank = %lld; expected 0 <= rank <= 128", fn,
+                 (long long)a->rank);
   if (a->m == 0) return DCGQ_SUCCESS;
   const int g = group_size(a->fmt);
   DCGQ_CHECK_NOT_NULL(fn, "x", a->x);
@@ -120,13 +122,13 @@ dcgq_status validate_gemm_w4a4(const char* fn, const dcgq_gemm_w4a4_args* a) {
                  "%s: out_dtype = %d; expected DCGQ_DTYPE_BFLOAT16 (2), DCGQ_DTYPE_FLOAT16 (1) "
                  "or DCGQ_DTYPE_FLOAT32 (0)",
                  fn, int(a->out_dtype));
-  DCGQ_CHECK_ARG(a->m >= 0 && a->m < (int64_t(1) << 31), "%s: m = %lld; expected 0 <= m < 2^31",
-                 fn, (long long)a->m);
-  DCGQ_CHECK_ARG(a->n >= 0 && a->n < (int64_t(1) << 31), "%s: n = %lld; expected 0 <= n < 2^31",
-                 fn, (long long)a->n);
+  DCGQ_CHECK_ARG(a->m >= 0 && a->m < (int64_t(1) << 31), "%s: m = %lld; expected 0 <= m < 2^31", fn,
+                 (long long)a->m);
+  DCGQ_CHECK_ARG(a->n >= 0 && a->n < (int64_t(1) << 31), "%s: n = %lld; expected 0 <= n < 2^31", fn,
+                 (long long)a->n);
   DCGQ_RETURN_IF_ERROR(check_k(fn, a->fmt, a->k));
-  DCGQ_CHECK_ARG(a->rank >= 0 && a->rank <= 4096, "%s: rank = %lld; expected 0 <= rank <= 4096",
-                 fn, (long long)a->rank);
+  DCGQ_CHECK_ARG(a->rank >= 0 && a->rank <= 4096, "%s: rank = %lld; expected 0 <= rank <= 4096", fn,
+                 (long long)a->rank);
   if (a->fmt == DCGQ_FORMAT_NVFP4) DCGQ_CHECK_NOT_NULL(fn, "wtscale", a->wtscale);
   if (a->m == 0 || a->n == 0) return DCGQ_SUCCESS;
   const int g = group_size(a->fmt);
@@ -164,10 +166,10 @@ dcgq_status validate_gemm_w4a16(const char* fn, const dcgq_gemm_w4a16_args* a) {
   DCGQ_CHECK_ARG(is_16bit(a->x_dtype),
                  "%s: x_dtype = %d; expected DCGQ_DTYPE_BFLOAT16 (2) or DCGQ_DTYPE_FLOAT16 (1)", fn,
                  int(a->x_dtype));
-  DCGQ_CHECK_ARG(a->m >= 0 && a->m < (int64_t(1) << 31), "%s: m = %lld; expected 0 <= m < 2^31",
-                 fn, (long long)a->m);
-  DCGQ_CHECK_ARG(a->n >= 0 && a->n < (int64_t(1) << 31), "%s: n = %lld; expected 0 <= n < 2^31",
-                 fn, (long long)a->n);
+  DCGQ_CHECK_ARG(a->m >= 0 && a->m < (int64_t(1) << 31), "%s: m = %lld; expected 0 <= m < 2^31", fn,
+                 (long long)a->m);
+  DCGQ_CHECK_ARG(a->n >= 0 && a->n < (int64_t(1) << 31), "%s: n = %lld; expected 0 <= n < 2^31", fn,
+                 (long long)a->n);
   DCGQ_RETURN_IF_ERROR(check_k(fn, a->fmt, a->k));
   if (a->fmt == DCGQ_FORMAT_NVFP4) DCGQ_CHECK_NOT_NULL(fn, "wtscale", a->wtscale);
   if (a->m == 0 || a->n == 0) return DCGQ_SUCCESS;
@@ -192,7 +194,7 @@ dcgq_status validate_gemm_w4a16(const char* fn, const dcgq_gemm_w4a16_args* a) {
 
 // Resolve the current device and the kernel for it.
 const KernelEntry* select_kernel(const char* fn, dcgq_op op, dcgq_format fmt, dcgq_variant variant,
-                          dcgq_status* status) {
+                                 dcgq_status* status) {
   int major = 0, minor = 0;
   *status = current_capability(fn, &major, &minor);
   if (*status != DCGQ_SUCCESS) return nullptr;
@@ -212,7 +214,8 @@ dcgq_status dcgq_quantize_act(const dcgq_quantize_act_args* args, cudaStream_t s
   DCGQ_RETURN_IF_ERROR(validate_quantize_act(fn, args, /*device=*/true));
   if (args->m == 0) return DCGQ_SUCCESS;
   dcgq_status status;
-  const KernelEntry* e = select_kernel(fn, DCGQ_OP_QUANTIZE_ACT, args->fmt, DCGQ_VARIANT_AUTO, &status);
+  const KernelEntry* e =
+      select_kernel(fn, DCGQ_OP_QUANTIZE_ACT, args->fmt, DCGQ_VARIANT_AUTO, &status);
   if (e == nullptr) return status;
   return reinterpret_cast<QuantizeLaunch>(e->launch)(*args, stream);
 }
@@ -241,7 +244,8 @@ dcgq_status dcgq_gemm_w4a16(const dcgq_gemm_w4a16_args* args, cudaStream_t strea
   DCGQ_RETURN_IF_ERROR(validate_gemm_w4a16(fn, args));
   if (args->m == 0 || args->n == 0) return DCGQ_SUCCESS;
   dcgq_status status;
-  const KernelEntry* e = select_kernel(fn, DCGQ_OP_GEMM_W4A16, args->fmt, DCGQ_VARIANT_AUTO, &status);
+  const KernelEntry* e =
+      select_kernel(fn, DCGQ_OP_GEMM_W4A16, args->fmt, DCGQ_VARIANT_AUTO, &status);
   if (e == nullptr) return status;
   return reinterpret_cast<GemmW4A16Launch>(e->launch)(*args, stream);
 }
@@ -260,7 +264,8 @@ dcgq_status dcgq_check_device(dcgq_op op, dcgq_format fmt, int device) {
   clear_error();
   int major = 0, minor = 0;
   cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) {
     cudaGetLastError();
     return fail(DCGQ_ERROR_NO_DEVICE, "dcgq_check_device: CUDA device %d is not usable: %s (%s)",
@@ -282,13 +287,20 @@ const char* dcgq_selected_kernel(dcgq_op op, dcgq_format fmt, dcgq_variant varia
 
 const char* dcgq_error_string(dcgq_status status) {
   switch (status) {
-    case DCGQ_SUCCESS: return "DCGQ_SUCCESS";
-    case DCGQ_ERROR_INVALID_ARGUMENT: return "DCGQ_ERROR_INVALID_ARGUMENT";
-    case DCGQ_ERROR_MISALIGNED: return "DCGQ_ERROR_MISALIGNED";
-    case DCGQ_ERROR_UNSUPPORTED: return "DCGQ_ERROR_UNSUPPORTED";
-    case DCGQ_ERROR_NO_DEVICE: return "DCGQ_ERROR_NO_DEVICE";
-    case DCGQ_ERROR_ARCH_NOT_BUILT: return "DCGQ_ERROR_ARCH_NOT_BUILT";
-    case DCGQ_ERROR_CUDA: return "DCGQ_ERROR_CUDA";
+    case DCGQ_SUCCESS:
+      return "DCGQ_SUCCESS";
+    case DCGQ_ERROR_INVALID_ARGUMENT:
+      return "DCGQ_ERROR_INVALID_ARGUMENT";
+    case DCGQ_ERROR_MISALIGNED:
+      return "DCGQ_ERROR_MISALIGNED";
+    case DCGQ_ERROR_UNSUPPORTED:
+      return "DCGQ_ERROR_UNSUPPORTED";
+    case DCGQ_ERROR_NO_DEVICE:
+      return "DCGQ_ERROR_NO_DEVICE";
+    case DCGQ_ERROR_ARCH_NOT_BUILT:
+      return "DCGQ_ERROR_ARCH_NOT_BUILT";
+    case DCGQ_ERROR_CUDA:
+      return "DCGQ_ERROR_CUDA";
   }
   return "DCGQ_ERROR_UNKNOWN";
 }

@@ -26,8 +26,8 @@ dcgq_status cuda_status(int cuda_error, const char* what);
 
 // Return `status` with a message unless `cond` holds. The message names the function, the
 // argument, its value and what was expected (STYLE.md: errors name the argument).
-#define DCGQ_CHECK(cond, status, ...)            \
-  do {                                           \
+#define DCGQ_CHECK(cond, status, ...)                      \
+  do {                                                     \
     if (!(cond)) return ::dcgq::fail(status, __VA_ARGS__); \
   } while (0)
 
@@ -36,14 +36,14 @@ dcgq_status cuda_status(int cuda_error, const char* what);
 #define DCGQ_CHECK_NOT_NULL(fn, name, ptr) \
   DCGQ_CHECK_ARG((ptr) != nullptr, "%s: argument '%s' is NULL; expected a pointer", fn, name)
 
-#define DCGQ_CHECK_ALIGNED(fn, name, ptr, bytes)                                             \
-  DCGQ_CHECK((reinterpret_cast<uintptr_t>(ptr) % (bytes)) == 0, DCGQ_ERROR_MISALIGNED,        \
-             "%s: argument '%s' = %p is not %d-byte aligned", fn, name, (const void*)(ptr),  \
+#define DCGQ_CHECK_ALIGNED(fn, name, ptr, bytes)                                            \
+  DCGQ_CHECK((reinterpret_cast<uintptr_t>(ptr) % (bytes)) == 0, DCGQ_ERROR_MISALIGNED,      \
+             "%s: argument '%s' = %p is not %d-byte aligned", fn, name, (const void*)(ptr), \
              (int)(bytes))
 
-#define DCGQ_RETURN_IF_ERROR(expr)          \
-  do {                                      \
-    const dcgq_status dcgq_s_ = (expr);     \
+#define DCGQ_RETURN_IF_ERROR(expr)               \
+  do {                                           \
+    const dcgq_status dcgq_s_ = (expr);          \
     if (dcgq_s_ != DCGQ_SUCCESS) return dcgq_s_; \
   } while (0)
 
@@ -69,7 +69,7 @@ struct KernelEntry {
   bool arch_specific;    // built for sm_XXa
   int priority;          // higher wins among entries of the same architecture (AUTO variant)
   const char* name;
-  void* launch;          // one of the *Launch types above, by op
+  void* launch;  // one of the *Launch types above, by op
 };
 
 bool register_kernel(const KernelEntry& entry);
@@ -87,7 +87,7 @@ const char* built_architectures();
 #define DCGQ_CONCAT(a, b) DCGQ_CONCAT_INNER(a, b)
 
 // Register a launcher from an instantiation file (one line per kernel).
-#define DCGQ_REGISTER_KERNEL(OP, FMT_MASK, VARIANT, SM, ARCH_SPECIFIC, PRIORITY, NAME, FN)   \
-  static const bool DCGQ_CONCAT(dcgq_registered_, __LINE__) = ::dcgq::register_kernel(      \
-      ::dcgq::KernelEntry{OP, FMT_MASK, VARIANT, SM, ARCH_SPECIFIC, PRIORITY, NAME,           \
-                          reinterpret_cast<void*>(FN)})
+#define DCGQ_REGISTER_KERNEL(OP, FMT_MASK, VARIANT, SM, ARCH_SPECIFIC, PRIORITY, NAME, FN)  \
+  static const bool DCGQ_CONCAT(dcgq_registered_, __LINE__) =                               \
+      ::dcgq::register_kernel(::dcgq::KernelEntry{OP, FMT_MASK, VARIANT, SM, ARCH_SPECIFIC, \
+                                                  PRIORITY, NAME, reinterpret_cast<void*>(FN)})

@@ -1,12 +1,12 @@
 // Error messages (thread-local) and the kernel registry.
+#include <cuda_runtime_api.h>
+
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
-
-#include <cuda_runtime_api.h>
 
 #include "internal.h"
 
@@ -24,9 +24,12 @@ std::vector<KernelEntry>& registry() {
 
 const char* op_name(dcgq_op op) {
   switch (op) {
-    case DCGQ_OP_QUANTIZE_ACT: return "quantize_act";
-    case DCGQ_OP_GEMM_W4A4: return "gemm_w4a4";
-    case DCGQ_OP_GEMM_W4A16: return "gemm_w4a16";
+    case DCGQ_OP_QUANTIZE_ACT:
+      return "quantize_act";
+    case DCGQ_OP_GEMM_W4A4:
+      return "gemm_w4a4";
+    case DCGQ_OP_GEMM_W4A16:
+      return "gemm_w4a16";
   }
   return "unknown op";
 }
@@ -82,8 +85,8 @@ bool register_kernel(const KernelEntry& entry) {
 const KernelEntry* find_kernel(dcgq_op op, dcgq_format fmt, dcgq_variant variant, int major,
                                int minor, dcgq_status* status) {
   const KernelEntry* best = nullptr;
-  bool op_fmt_built = false;   // some architecture has this op and format
-  bool arch_matches = false;   // some entry for this op runs on this device
+  bool op_fmt_built = false;  // some architecture has this op and format
+  bool arch_matches = false;  // some entry for this op runs on this device
   std::vector<std::string> archs_with_op;
   for (const KernelEntry& e : registry()) {
     if (e.op != op || !(e.fmt_mask & (1u << fmt))) continue;
@@ -96,9 +99,9 @@ const KernelEntry* find_kernel(dcgq_op op, dcgq_format fmt, dcgq_variant variant
     arch_matches = true;
     if (variant != DCGQ_VARIANT_AUTO && e.variant != variant) continue;
     if (best == nullptr || e.sm > best->sm ||
-        (e.sm == best->sm && (e.arch_specific > best->arch_specific ||
-                              (e.arch_specific == best->arch_specific &&
-                               e.priority > best->priority)))) {
+        (e.sm == best->sm &&
+         (e.arch_specific > best->arch_specific ||
+          (e.arch_specific == best->arch_specific && e.priority > best->priority)))) {
       best = &e;
     }
   }
@@ -119,8 +122,8 @@ const KernelEntry* find_kernel(dcgq_op op, dcgq_format fmt, dcgq_variant variant
                    "%s for format %s has no kernel for compute capability %d.%d in this build "
                    "(built for: %s); rebuild with this architecture in DCGEN_QUANT_CUDA_ARCHS "
                    "(supported: %s), or use the triton backend",
-                   op_name(op), fmt_name(fmt), major, minor,
-                   op_fmt_built ? list.c_str() : "none", supported_archs(op, fmt));
+                   op_name(op), fmt_name(fmt), major, minor, op_fmt_built ? list.c_str() : "none",
+                   supported_archs(op, fmt));
   } else {
     *status = fail(DCGQ_ERROR_UNSUPPORTED,
                    "%s for format %s: variant %d is not available on compute capability %d.%d "
@@ -132,8 +135,8 @@ const KernelEntry* find_kernel(dcgq_op op, dcgq_format fmt, dcgq_variant variant
 
 const char* built_architectures() {
   static std::string archs = [] {
-      const int order[][2] = {{75, 0}, {80, 0}, {86, 0}, {87, 0}, {89, 0}, {90, 0}, {90, 1},
-                            {100, 0}, {100, 1}, {120, 0}, {120, 1}, {121, 1}};
+    const int order[][2] = {{75, 0}, {80, 0},  {86, 0},  {87, 0},  {89, 0},  {90, 0},
+                            {90, 1}, {100, 0}, {100, 1}, {120, 0}, {120, 1}, {121, 1}};
     std::string out;
     for (const auto& o : order) {
       for (const KernelEntry& e : registry()) {

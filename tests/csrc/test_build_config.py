@@ -2,6 +2,8 @@
 the DCGEN_QUANT_CUDA_ARCHS / DCGEN_QUANT_SKIP_CUDA knobs, the ptxas report parser."""
 
 import importlib.util
+import shutil
+import subprocess
 
 import pytest
 
@@ -84,3 +86,17 @@ def test_ptxas_report_parser():
          "spill_loads": 0, "registers": 198},
     ]  # fmt: skip
     assert len(warnings) == 1 and "C7514" in warnings[0]
+
+
+@pytest.mark.skipif(shutil.which("clang-format") is None, reason="clang-format is not installed")
+def test_csrc_is_clang_formatted():
+    """STYLE.md: clang-format for csrc/ (csrc/.clang-format; generated files opt out)."""
+    files = [
+        p
+        for pattern in ("kernels/*", "src/*", "python/*.cpp", "include/dcgen_quant/*.h")
+        for p in CSRC.glob(pattern)
+    ] + [CSRC.parent / "examples" / "abi_example.c"]
+    proc = subprocess.run(
+        ["clang-format", "--dry-run", "-Werror", *map(str, files)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

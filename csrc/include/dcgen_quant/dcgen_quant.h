@@ -36,9 +36,8 @@
 #ifndef DCGEN_QUANT_H_
 #define DCGEN_QUANT_H_
 
-#include <stdint.h>
-
 #include <cuda_runtime_api.h> /* cudaStream_t */
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -96,43 +95,43 @@ typedef enum dcgq_variant {
 
 typedef struct dcgq_quantize_act_args {
   dcgq_format fmt;
-  dcgq_layout layout;   /* nibble order written to q */
-  int64_t m, k;         /* x is [M, K]; K a positive multiple of G; M >= 0 */
-  int64_t rank;         /* r, columns of lora_down (0: no low-rank branch); r <= 128 */
-  dcgq_dtype x_dtype;   /* BFLOAT16 or FLOAT16: x, smooth, lora_down, INT4 scales */
-  const void* x;        /* [M, K] x_dtype; 16-byte aligned, ldx a multiple of 8 */
+  dcgq_layout layout; /* nibble order written to q */
+  int64_t m, k;       /* x is [M, K]; K a positive multiple of G; M >= 0 */
+  int64_t rank;       /* r, columns of lora_down (0: no low-rank branch); r <= 128 */
+  dcgq_dtype x_dtype; /* BFLOAT16 or FLOAT16: x, smooth, lora_down, INT4 scales */
+  const void* x;      /* [M, K] x_dtype; 16-byte aligned, ldx a multiple of 8 */
   int64_t ldx;
-  const void* smooth;   /* [K] x_dtype, or NULL (no smoothing) */
+  const void* smooth;    /* [K] x_dtype, or NULL (no smoothing) */
   const void* lora_down; /* [K, r] x_dtype; NULL iff rank == 0 */
   int64_t ld_lora_down;
-  void* q;              /* out: [M, K/2] uint8 */
+  void* q; /* out: [M, K/2] uint8 */
   int64_t ldq;
-  void* scales;         /* out: [M, K/G]; x_dtype (INT4) or float8_e4m3fn (NVFP4) */
+  void* scales; /* out: [M, K/G]; x_dtype (INT4) or float8_e4m3fn (NVFP4) */
   int64_t ld_scales;
-  float* lora_act;      /* out: [M, r] float32; NULL iff rank == 0 */
+  float* lora_act; /* out: [M, r] float32; NULL iff rank == 0 */
   int64_t ld_lora_act;
 } dcgq_quantize_act_args;
 
 typedef struct dcgq_gemm_w4a4_args {
   dcgq_format fmt;
-  dcgq_layout layout;   /* nibble order of both q and qweight */
+  dcgq_layout layout; /* nibble order of both q and qweight */
   dcgq_variant variant;
-  int64_t m, n, k;      /* y is [M, N]; K a positive multiple of G */
-  int64_t rank;         /* r (0: no low-rank branch) */
+  int64_t m, n, k;        /* y is [M, N]; K a positive multiple of G */
+  int64_t rank;           /* r (0: no low-rank branch) */
   dcgq_dtype scale_dtype; /* INT4: BFLOAT16 / FLOAT16 (scales and wscales); NVFP4: FLOAT8_E4M3 */
-  dcgq_dtype io_dtype;  /* BFLOAT16 / FLOAT16: proj_up and bias */
-  dcgq_dtype out_dtype; /* BFLOAT16 / FLOAT16 / FLOAT32 */
-  const void* q;        /* [M, K/2] uint8 activations */
+  dcgq_dtype io_dtype;    /* BFLOAT16 / FLOAT16: proj_up and bias */
+  dcgq_dtype out_dtype;   /* BFLOAT16 / FLOAT16 / FLOAT32 */
+  const void* q;          /* [M, K/2] uint8 activations */
   int64_t ldq;
-  const void* scales;   /* [M, K/G] */
+  const void* scales; /* [M, K/G] */
   int64_t ld_scales;
-  const void* qweight;  /* [N, K/2] uint8 */
+  const void* qweight; /* [N, K/2] uint8 */
   int64_t ldqw;
-  const void* wscales;  /* [K/G, N] */
+  const void* wscales; /* [K/G, N] */
   int64_t ld_wscales;
   const float* lora_act; /* [M, r] float32; NULL iff rank == 0 */
   int64_t ld_lora_act;
-  const void* proj_up;  /* [N, r] io_dtype; NULL iff rank == 0 */
+  const void* proj_up; /* [N, r] io_dtype; NULL iff rank == 0 */
   int64_t ld_proj_up;
   const void* bias;     /* [N] io_dtype, or NULL */
   const float* wtscale; /* device pointer to one float32 (NVFP4: required; INT4: NULL) */
@@ -142,14 +141,14 @@ typedef struct dcgq_gemm_w4a4_args {
 
 typedef struct dcgq_gemm_w4a16_args {
   dcgq_format fmt;
-  dcgq_layout layout;   /* nibble order of qweight */
+  dcgq_layout layout; /* nibble order of qweight */
   int64_t m, n, k;
-  dcgq_dtype x_dtype;   /* BFLOAT16 / FLOAT16: x, out, bias and INT4 wscales */
-  const void* x;        /* [M, K] x_dtype; 16-byte aligned, ldx a multiple of 8 */
+  dcgq_dtype x_dtype; /* BFLOAT16 / FLOAT16: x, out, bias and INT4 wscales */
+  const void* x;      /* [M, K] x_dtype; 16-byte aligned, ldx a multiple of 8 */
   int64_t ldx;
-  const void* qweight;  /* [N, K/2] uint8 */
+  const void* qweight; /* [N, K/2] uint8 */
   int64_t ldqw;
-  const void* wscales;  /* [K/G, N]: x_dtype (INT4) or float8_e4m3fn (NVFP4) */
+  const void* wscales; /* [K/G, N]: x_dtype (INT4) or float8_e4m3fn (NVFP4) */
   int64_t ld_wscales;
   const void* bias;     /* [N] x_dtype, or NULL */
   const float* wtscale; /* device pointer to one float32 (NVFP4: required; INT4: NULL) */
@@ -180,8 +179,8 @@ DCGQ_API const char* dcgq_selected_kernel(dcgq_op op, dcgq_format fmt, dcgq_vari
 
 /* ---- information ---- */
 DCGQ_API const char* dcgq_error_string(dcgq_status status); /* the enum's name */
-DCGQ_API const char* dcgq_last_error_message(void); /* "" after a successful call */
-DCGQ_API const char* dcgq_built_architectures(void); /* e.g. "80;86;89;90a;120a" */
+DCGQ_API const char* dcgq_last_error_message(void);         /* "" after a successful call */
+DCGQ_API const char* dcgq_built_architectures(void);        /* e.g. "80;86;89;90a;120a" */
 DCGQ_API const char* dcgq_version(void);
 DCGQ_API int dcgq_abi_version(void);
 
