@@ -135,7 +135,7 @@ def test_gemm_w4a4_split_halves_and_strided_inputs(cb, fmt):
     laid[2] = to_layout(qw.qweight, "split_halves", fmt).cuda()
     torch.testing.assert_close(cb.gemm_w4a4(*laid, fmt, torch.float32, "split_halves"), want,
                                rtol=0, atol=0)  # fmt: skip
-    wide = torch.zeros(m, k // 2 + 16, dtype=torch.uint8, device="cuda")
+    wide = torch.zeros(m, k // 2 + 16, dtype=torch.uint8, device=dev[0].device)
     wide[:, 8 : 8 + k // 2] = dev[0]
     strided = list(dev)
     strided[0] = wide[:, 8 : 8 + k // 2]  # row stride k/2 + 16, 8-byte offset: 8-byte copies
