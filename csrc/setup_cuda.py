@@ -127,6 +127,7 @@ def parse_ptxas(log: str) -> tuple[list[dict], list[str]]:
 def build_cuda_library(out_dir: Path, build_dir: Path, ext_filename: str) -> dict:
     """Compile and link everything into out_dir; returns the build info (also written)."""
     t0 = time.monotonic()
+    out_dir, build_dir = out_dir.resolve(), build_dir.resolve()  # ninja runs in build_dir
     nvcc = find_nvcc()
     archs = parse_archs(os.environ.get("DCGEN_QUANT_CUDA_ARCHS"))
     sources = sorted(s for s in (CSRC / "instantiations").glob("*.cu") if arch_of(s) in archs)
