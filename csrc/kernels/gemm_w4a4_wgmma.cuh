@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kHThreads, 1)
     for (int c = 0; c < 4; ++c) acc[0][j][c] = 0.0f;
 
   // acc += dot * sa * sw for one group; d holds 256 * dot.
-  auto rescale = [&](int(&d)[64], const float* sbuf, int h) {
+  auto rescale = [&](int (&d)[64], const float* sbuf, int h) {
     const float sa0 = sbuf[h * 128 + 64 * wg + 16 * w4 + g];
     const float sa1 = sbuf[h * 128 + 64 * wg + 16 * w4 + g + 8];
     const float n0a = -kHMagic * sa0, n1a = -kHMagic * sa1;
