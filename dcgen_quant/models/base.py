@@ -120,10 +120,16 @@ class ModelFamily:
             else:
                 k = module.in_features if isinstance(module, nn.Linear) else module.in_channels
                 if k % group:
-                    reason = (
+                    problem = (
                         f"in_features={k} is not a multiple of the {config.format} group size "
-                        f"{group}; kept in 16 bits"
+                        f"{group}"
                     )
+                    if not config.skip_incompatible:
+                        raise ValueError(
+                            f"layer {full}: {problem}; set QuantConfig(skip_incompatible=True) "
+                            "(CLI: --skip-incompatible) to keep such layers in 16 bits"
+                        )
+                    reason = f"{problem}; kept in 16 bits"
             if reason is not None:
                 plan.skipped.append((full, module, reason))
                 continue

@@ -50,6 +50,9 @@ class QuantConfig:
     """Extra module-name patterns (fnmatch) to keep in 16 bits, on top of the family's list."""
     weight_only_adanorm: bool = True
     """AdaLayerNorm modulation linears: 4-bit weights, 16-bit activations (W4A16Linear)."""
+    skip_incompatible: bool = False
+    """Keep target layers whose in_features is not a multiple of the group size in 16 bits
+    (listed as skipped in the report) instead of raising ValueError."""
     seed: int = 0
 
     def __post_init__(self) -> None:

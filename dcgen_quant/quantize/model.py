@@ -21,6 +21,7 @@ from .calibration import (
 from .config import QuantConfig
 from .layer import (
     QUANTIZED_TYPES,
+    check_finite,
     linear_spec,
     make_module,
     quantize_group,
@@ -147,6 +148,13 @@ def quantize_model(
     calib = check_calibration(calib)
     device = _device_of(model)
     blocks = family.blocks(model)
+    # Plan every block and check every target weight before any work or state is written, so
+    # that bad input (an incompatible K, a NaN weight) fails at once and leaves nothing behind.
+    plans = [family.plan_block(name, block, config) for name, block in blocks]
+    for plan in plans:
+        for group in plan.groups:
+            for member in group.names:
+                check_finite(model.get_submodule(member).weight, f"layer {member}: weight")
 
     state = progress_state = None
     if state_dir is not None:
@@ -168,7 +176,7 @@ def quantize_model(
     for index in bar:
         name, block = blocks[index]
         bar.set_postfix_str(name)
-        plan = family.plan_block(name, block, config)
+        plan = plans[index]
         new_modules, entries = _quantize_block(model, plan, inputs, config, block, progress)
         for entry in entries:
             report.add(entry)

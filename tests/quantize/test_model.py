@@ -11,6 +11,7 @@ from dcgen_quant.models import synthetic_calibration
 from dcgen_quant.models.tiny import tiny_flux, tiny_sana
 from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, W4A16Linear
 from dcgen_quant.quantize import QuantConfig, quantize_model
+from dcgen_quant.quantize.layer import QUANTIZED_TYPES
 
 FAST = {"rank": 16, "smooth_grid": 4, "lowrank_iters": 2, "calib_tokens": 512}
 CHEAP = {"rank": 4, "smooth_grid": 2, "lowrank_iters": 1, "calib_tokens": 64}
@@ -175,7 +176,16 @@ def test_argument_errors():
 def test_group_size_skips_in_a_model():
     model = tiny_flux(num_attention_heads=3, attention_head_dim=32, axes_dims_rope=(8, 12, 12))
     calib = synthetic_calibration(model, samples=1, steps=1, latent_size=3, text_tokens=3)
-    report = quantize_model(model, calib, QuantConfig(**CHEAP), progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"layer transformer_blocks.0.norm1.linear: in_features=96 "
+        r"is not a multiple of the int4 group size 64; set .*skip_incompatible",
+    ):
+        quantize_model(model, calib, QuantConfig(**CHEAP), progress=False)
+    assert not any(isinstance(m, QUANTIZED_TYPES) for m in model.modules())  # nothing touched
+    report = quantize_model(
+        model, calib, QuantConfig(**CHEAP, skip_incompatible=True), progress=False
+    )
     assert {layer.name for layer in report.quantized()} == {
         "transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff_context.net.2",
         "transformer_blocks.1.ff.net.2", "transformer_blocks.1.ff_context.net.2",
