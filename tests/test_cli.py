@@ -1,0 +1,179 @@
+"""The quantize and inspect commands: the main job end to end, and every way bad input fails."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import dcgen_quant.quantize.model as model_module
+from dcgen_quant.checkpoint import load_quantized
+from dcgen_quant.cli import main
+from dcgen_quant.models import synthetic_calibration
+from dcgen_quant.models.tiny import tiny_flux, tiny_sana
+from dcgen_quant.models.tiny_pipeline import tiny_flux_pipeline
+from dcgen_quant.nn import SVDQLinear
+
+from .quantized_models import tiny_flux_inputs
+
+CHEAP = ["--rank", "4", "--calib-samples", "1", "--steps", "1", "--threads", "1"]
+
+
+def run_json(capsys, *argv):
+    rc = main([*map(str, argv), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The README's main job: `python -m dcgen_quant quantize` on the embedded tiny FLUX."""
+    out = tmp_path_factory.mktemp("default") / "tiny-flux-int4.safetensors"
+    capture = pytest.CaptureFixture  # noqa: F841 (documentation: output parsed below)
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["quantize", "--out", str(out), "--json"])
+    assert rc == 0
+    return out, json.loads(buf.getvalue())["rows"][0]
+
+
+@pytest.mark.slow
+def test_default_quantize_run_writes_a_loadable_checkpoint(default_run):
+    out, row = default_run
+    assert row["model"] == "tiny-flux" and row["format"] == "int4" and row["rank"] == 32
+    # tiny FLUX: 2 double blocks x 16 linears + 2 single blocks x 4 linears (W4A4 + W4A16)
+    assert row["layers_quantized"] == 40
+    assert 0 < row["mean_rel_err"] <= row["max_rel_err"] < 0.5
+    assert 0.2 < row["size_vs_16bit"] < 0.6
+    assert not out.with_name(out.name + ".partial").exists()
+    print(f"default quantize run: {row['seconds']:.1f} s")  # measured, not asserted
+    model = load_quantized(out)
+    assert isinstance(model.transformer_blocks[0].attn.to_q, SVDQLinear)
+    with torch.no_grad():
+        y = model(**tiny_flux_inputs(model)).sample
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.slow
+def test_inspect_reads_the_default_checkpoint(default_run, capsys):
+    out, row = default_run
+    doc = run_json(capsys, "inspect", out)
+    assert doc["model_class"] == "FluxTransformer2DModel"
+    assert doc["quantization_config"]["format"] == "int4" and doc["verified"]
+    assert doc["layers_by_kind"] == {"svdq": 34, "w4a16": 6}
+    assert math.isclose(doc["size_vs_bf16"], row["size_vs_16bit"])
+    errs = [r["err_svdq"] for r in doc["layers"] if r["err_svdq"] is not None]
+    assert len(errs) == 40 and max(errs) == pytest.approx(row["max_rel_err"])
+    assert main(["inspect", str(out), "--layers"]) == 0
+    text = capsys.readouterr().out
+    assert "transformer_blocks.0.attn.to_q" in text and "err SVDQ" in text
+
+
+def test_real_quantizer_round_trip_is_bit_exact(tmp_path):
+    from dcgen_quant.checkpoint import save_quantized
+    from dcgen_quant.quantize import QuantConfig, quantize_model
+
+    model = tiny_sana(dtype=torch.bfloat16)
+    calib = synthetic_calibration(model, samples=1, steps=1, seed=0)
+    config = QuantConfig(format="nvfp4", rank=4, smooth_grid=2, lowrank_iters=1)
+    quantize_model(model, calib, config, progress=False)
+    loaded = load_quantized(save_quantized(model, tmp_path / "s.safetensors"))
+    with torch.no_grad():
+        a = model(**calib[0]).sample
+        b = loaded(**calib[0]).sample
+    assert torch.equal(a, b)
+
+
+def test_model_directory_and_nvfp4(tmp_path, capsys):
+    tiny_sana().save_pretrained(tmp_path / "sana")
+    out = tmp_path / "sana.safetensors"
+    rows = run_json(capsys, "quantize", "--model", tmp_path / "sana", "--format", "nvfp4",
+                    "--out", out, *CHEAP)["rows"]  # fmt: skip
+    assert rows[0]["format"] == "nvfp4" and rows[0]["model"] == "sana"
+    assert load_quantized(out).transformer_blocks[0].ff.conv_inverted.fmt == "nvfp4"
+
+
+@pytest.mark.slow
+def test_pipeline_directory_calibrates_with_prompts(tmp_path, capsys):
+    tiny_flux_pipeline().save_pretrained(tmp_path / "pipe")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\n\na lighthouse at dusk\n")
+    out = tmp_path / "pipe.safetensors"
+    rows = run_json(capsys, "quantize", "--model", tmp_path / "pipe", "--prompts", prompts,
+                    "--out", out, *CHEAP)["rows"]  # fmt: skip
+    assert rows[0]["layers_quantized"] == 40 and out.is_file()
+
+
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    args = ["quantize", "--model", "tiny-sana", *CHEAP]
+    assert main([*args, "--out", str(tmp_path / "full.safetensors")]) == 0
+
+    calls = {"n": 0}
+    original = model_module.run_block
+
+    def interrupt_after_first_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(model_module, "run_block", interrupt_after_first_block)
+    out = tmp_path / "resumed.safetensors"
+    assert main([*args, "--out", str(out)]) == 130
+    assert not out.exists() and out.with_name(out.name + ".partial").is_dir()
+    monkeypatch.setattr(model_module, "run_block", original)
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert not out.with_name(out.name + ".partial").exists()
+    full = load_quantized(tmp_path / "full.safetensors").state_dict()
+    resumed = load_quantized(out).state_dict()
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key].float(), resumed[key].float()), key
+
+
+def _save_flux_with_nan(path):
+    model = tiny_flux()
+    with torch.no_grad():
+        model.transformer_blocks[1].ff.net[2].weight[3, 5] = float("nan")
+    model.save_pretrained(path)
+
+
+def _save_flux_hidden_96(path):
+    tiny_flux(num_attention_heads=3, attention_head_dim=32, axes_dims_rope=(8, 12, 12)).save_pretrained(
+        path
+    )
+
+
+@pytest.mark.parametrize(
+    "setup,argv,message",
+    [
+        (None, ["--format", "int8"], "unsupported format 'int8'; expected one of int4, nvfp4"),
+        (None, ["--model", "{tmp}/nowhere"], "no such directory"),
+        (lambda p: p.mkdir(), ["--model", "{tmp}/m"], "is not a diffusers model or pipeline directory"),
+        (_save_flux_with_nan, ["--model", "{tmp}/m"], "layer transformer_blocks.1.ff.net.2: weight: found 1 NaN/Inf"),
+        (_save_flux_hidden_96, ["--model", "{tmp}/m"], "in_features=96 is not a multiple of the int4 group size 64"),
+        (None, ["--prompts", "{tmp}/missing.txt"], "--prompts file not found"),
+        (None, ["--threads", "-1"], "--threads must be >= 1"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, setup, argv, message):
+    if setup is not None:
+        setup(tmp_path / "m")
+    out = tmp_path / "out" / "q.safetensors"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc = main(["quantize", *argv, "--out", str(out), *CHEAP])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert message in err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_inspect_missing_checkpoint_is_one_line(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "none.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint not found") and len(err.splitlines()) == 1
