@@ -128,6 +128,27 @@ def lstsq_embedder(
     return max(rss, 0.0) / count
 
 
+@torch.no_grad()
+def align_loss(
+    adapted: nn.Module,
+    base: nn.Module,
+    data: LatentSet,
+    reconcile_mode: str = "pool",
+    batch_size: int = 64,
+) -> float:
+    """The stage-1 objective (embedding MSE) over all of ``data``."""
+    pb, pn, gb, gn = _grids(base, adapted, data)
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        teacher = fam.embed_tokens(base, fam.embedder(base), data.base[i : i + batch_size], pb)
+        student = fam.embed_tokens(adapted, fam.embedder(adapted), data.new[i : i + batch_size],
+                                   pn)
+        s, t = reconcile(student, gn, teacher, gb, reconcile_mode)
+        total += float(((s.float() - t.float()) ** 2).sum())
+        count += s.numel()
+    return total / count
+
+
 def _freeze(model: nn.Module) -> None:
     for param in model.parameters():
         param.requires_grad_(False)
