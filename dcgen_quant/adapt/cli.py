@@ -24,8 +24,8 @@ HELP = "DC-Gen post-training: move a FLUX/SANA transformer into a deeply compres
 
 # The demo's step counts and learning rates (the library defaults are REFERENCE.md's, sized for
 # real models: 20k / 5k / 5k steps at lr 1e-4).
-DEMO_STEPS = {"align": 400, "head": 300, "lora": 300}
-DEMO_LR = {"align": 1e-3, "head": 1e-3, "lora": 5e-4}
+DEMO_STEPS = {"align": 400, "head": 300, "lora": 600}
+DEMO_LR = {"align": 1e-3, "head": 1e-3, "lora": 1e-3}
 DEMO_BATCH = {"align": 32, "head": 8, "lora": 8}
 
 
@@ -51,11 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hp.add_argument("--rank", type=int, help="LoRA rank (default 256; demo 16)")
     hp.add_argument("--alpha", type=float, help="LoRA alpha (default = rank)")
     hp.add_argument("--ema", type=float, default=0.999, help="stage-3 EMA decay (0 = off)")
-    hp.add_argument("--reconcile", choices=("pool", "bilinear"), default="pool",
-                    help="token-grid reconciliation: pool the base grid down or upsample the new")
+    hp.add_argument(
+        "--reconcile",
+        choices=("pool", "bilinear"),
+        default="pool",
+        help="token-grid reconciliation: pool the base grid down or upsample the new",
+    )
     hp.add_argument("--patch-size", type=int, default=1, help="patch size on the new latent")
-    hp.add_argument("--init-embedder", choices=("default", "lstsq"), default="default",
-                    help="stage-1 start: surgery init or the least-squares optimum")
+    hp.add_argument(
+        "--init-embedder",
+        choices=("default", "lstsq"),
+        default="default",
+        help="stage-1 start: surgery init or the least-squares optimum",
+    )
     hp.add_argument("--caption", default="a photo", help="caption of images without a .txt")
     hp.add_argument("--text-length", type=int, help="text tokens (default 64; demo 16)")
     hp.add_argument("--seed", type=int, default=0)
@@ -66,9 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _options(args, demo: bool):
     from .runner import ChainOptions
 
-    opts = ChainOptions(stage=args.stage, ema=args.ema or None, reconcile=args.reconcile,
-                        patch_size=args.patch_size, init=args.init_embedder, seed=args.seed,
-                        ckpt_every=args.ckpt_every, resume=args.resume)
+    opts = ChainOptions(
+        stage=args.stage,
+        ema=args.ema or None,
+        reconcile=args.reconcile,
+        patch_size=args.patch_size,
+        init=args.init_embedder,
+        seed=args.seed,
+        ckpt_every=args.ckpt_every,
+        resume=args.resume,
+    )
     if demo:
         opts.steps, opts.lr, opts.batch_size = dict(DEMO_STEPS), dict(DEMO_LR), dict(DEMO_BATCH)
         opts.rank = 16
@@ -90,14 +105,16 @@ def _print_report(mse, flow, args, extra: dict) -> None:
         after = next((k for k in mse if k in ("stage1", "align")), None)
         gain = ("surgery", after) if after else None
     rows, cols = block_table(mse, gain)
-    flow_rows = [{"model": k, "heldout_flow_loss": v} for k, v in flow.items()]
+    flow_rows = [{"model": k, **v} for k, v in flow.items()]
+    flow_cols = [("model", "model", None), ("flow", "held-out flow loss (w=1)", ".4f")]
+    if any(r["guided"] is not None for r in flow_rows):
+        flow_cols.append(("guided", "guided, w in {1, 3.5, 7, 14}", ".4f"))
     if args.json:
         emit(rows, cols, True, extra={**extra, "flow_loss": flow_rows})
         return
     emit(rows, cols, False, title="per-block feature MSE vs the base model (held-out images)")
     print()
-    print(format_table(flow_rows, [("model", "model", None), ("heldout_flow_loss",
-                                   "held-out flow-matching loss", ".4f")]))
+    print(format_table(flow_rows, flow_cols))
     for key, value in extra.items():
         if key in ("plot", "model", "report"):
             print(f"{key}: {value}")
@@ -120,21 +137,35 @@ def run(args) -> int:
         if getattr(args, name) is None:
             raise ValueError(f"--{name.replace('_', '-')}: required (or use --demo)")
     out = Path(args.out)
-    inputs = Inputs(base=args.base, target_ae=args.target_ae, data=args.data,
-                    base_ae=args.base_ae, heldout=args.heldout,
-                    resolution=args.resolution or 1024, holdout=args.holdout,
-                    caption=args.caption, text_length=args.text_length or 64,
-                    report_images=args.report_images)
+    inputs = Inputs(
+        base=args.base,
+        target_ae=args.target_ae,
+        data=args.data,
+        base_ae=args.base_ae,
+        heldout=args.heldout,
+        resolution=args.resolution or 1024,
+        holdout=args.holdout,
+        caption=args.caption,
+        text_length=args.text_length or 64,
+        report_images=args.report_images,
+    )
     opts = _options(args, demo=False)
     ctx = Context(inputs, out / "cache")
     state = run_chain(ctx, out, opts)
     names = {s: s for s in ("surgery", "align", "head", "lora")}
     mse, flow = evaluate(ctx, [(out, names)], opts.reconcile)
     plot = save_plot(out / "report.png", mse, flow, f"DC-Gen adapt ({ctx.family})")
-    extra = {"out": str(out), "model": str(out / "model"), "plot": str(plot),
-             "stages": state["stages"], "report": str(out / "report.json")}
-    atomic_write_text(out / "report.json", json.dumps(
-        {"blocks": mse, "flow_loss": flow, **extra}, indent=2, default=str) + "\n")
+    extra = {
+        "out": str(out),
+        "model": str(out / "model"),
+        "plot": str(plot),
+        "stages": state["stages"],
+        "report": str(out / "report.json"),
+    }
+    atomic_write_text(
+        out / "report.json",
+        json.dumps({"blocks": mse, "flow_loss": flow, **extra}, indent=2, default=str) + "\n",
+    )
     _print_report(mse, flow, args, extra)
     return 0
 
@@ -147,15 +178,26 @@ def _run_demo(args) -> int:
 
     out = Path(args.out or "adapt-demo")
     if (out / "inputs.json").exists() and not args.resume:
-        raise FileExistsError(f"out: {out} already holds a demo run; pass --resume or another --out")
-    cfg = DemoConfig(family=args.family, resolution=args.resolution or 64, seed=args.seed,
-                     text_length=args.text_length or 16)
+        raise ValueError(f"out: {out} already holds a demo run; pass --resume or another --out")
+    cfg = DemoConfig(
+        family=args.family,
+        resolution=args.resolution or 64,
+        seed=args.seed,
+        text_length=args.text_length or 16,
+    )
     info = build_inputs(out / "inputs", cfg)
     atomic_write_text(out / "inputs.json", json.dumps(info, indent=2) + "\n")
-    inputs = Inputs(base=info["base"], target_ae=info["target_ae"], data=info["data"],
-                    base_ae=info["base_ae"], heldout=info["heldout"], resolution=cfg.resolution,
-                    caption=args.caption, text_length=cfg.text_length,
-                    report_images=args.report_images)
+    inputs = Inputs(
+        base=info["base"],
+        target_ae=info["target_ae"],
+        data=info["data"],
+        base_ae=info["base_ae"],
+        heldout=info["heldout"],
+        resolution=cfg.resolution,
+        caption=args.caption,
+        text_length=cfg.text_length,
+        report_images=args.report_images,
+    )
     ctx = Context(inputs, out / "cache")
     opts = _options(args, demo=True)
     opts.stage, opts.resume = "all", True  # a demo run always continues what it finds
@@ -163,18 +205,26 @@ def _run_demo(args) -> int:
     opts.stage = "lora"
     unaligned = run_chain(ctx, out / "unaligned", opts)
     runs = [
-        (out / "aligned", {"surgery": "surgery", "align": "stage1", "head": "stage2",
-                           "lora": "stage3"}),
+        (
+            out / "aligned",
+            {"surgery": "surgery", "align": "stage1", "head": "stage2", "lora": "stage3"},
+        ),
         (out / "unaligned", {"lora": "lora-only"}),
     ]
     mse, flow = evaluate(ctx, runs, opts.reconcile)
     plot = save_plot(out / "report.png", mse, flow, f"DC-Gen demo, tiny {ctx.family}")
     extra = {
-        "out": str(out), "model": str(out / "aligned" / "model"), "plot": str(plot),
-        "report": str(out / "report.json"), "ae_psnr_db": info["ae_psnr_db"],
-        "stages": aligned["stages"], "lora_only_stages": unaligned["stages"],
+        "out": str(out),
+        "model": str(out / "aligned" / "model"),
+        "plot": str(plot),
+        "report": str(out / "report.json"),
+        "ae_psnr_db": info["ae_psnr_db"],
+        "stages": aligned["stages"],
+        "lora_only_stages": unaligned["stages"],
     }
-    atomic_write_text(out / "report.json", json.dumps(
-        {"blocks": mse, "flow_loss": flow, **extra}, indent=2, default=str) + "\n")
+    atomic_write_text(
+        out / "report.json",
+        json.dumps({"blocks": mse, "flow_loss": flow, **extra}, indent=2, default=str) + "\n",
+    )
     _print_report(mse, flow, args, extra)
     return 0

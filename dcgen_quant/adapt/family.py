@@ -48,7 +48,9 @@ class TextBatch:
     mask: torch.Tensor | None = None
 
     def _map(self, fn) -> TextBatch:
-        return TextBatch(*(None if t is None else fn(t) for t in (self.embeds, self.pooled, self.mask)))
+        return TextBatch(
+            *(None if t is None else fn(t) for t in (self.embeds, self.pooled, self.mask))
+        )
 
     def to(self, device) -> TextBatch:
         return self._map(lambda t: t.to(device))
@@ -147,7 +149,9 @@ def unpack(tokens: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Tensor:
     h, w = grid
     c = cpp // (p * p)
     if n != h * w or c * p * p != cpp:
-        raise ValueError(f"tokens: got shape {tuple(tokens.shape)}; expected [B, {h * w}, C*{p * p}]")
+        raise ValueError(
+            f"tokens: got shape {tuple(tokens.shape)}; expected [B, {h * w}, C*{p * p}]"
+        )
     z = tokens.reshape(b, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5)
     return z.reshape(b, c, h * p, w * p)
 

@@ -178,21 +178,34 @@ def heldout_flow_loss(
     text: TextBatch,
     p: int,
     *,
+    empty: TextBatch | None = None,
+    guidance: tuple[float, ...] = (1.0,),
     k_sigmas: int = 8,
     seed: int = 0,
     batch_size: int = 16,
     shift: float | None = None,
 ) -> float:
-    """Mean flow-matching loss (w = 1, no text drop) over fixed sigmas and fixed noise.
+    """Mean flow-matching loss over fixed sigmas, fixed noise and fixed guidance scales.
 
     Every sample is evaluated at the ``k_sigmas`` quantile sigmas of :func:`eval_sigmas` with
     noise from a generator seeded with ``seed``, so two models evaluated on the same latents
     see exactly the same (x_t, sigma) pairs and their losses compare without sampling noise.
+    With the default ``guidance=(1.0,)`` this is plain flow matching (v(x_t, c, t, w=1) against
+    eps - x0). Other scales evaluate the guidance-distilled objective of stage 3, v_hat =
+    [v(x_t, c, t, w) - (1 - w) v(x_t, empty, t, 1)] / w, averaged over the scales (no text
+    drop); they need ``empty`` and a guidance-embedding model.
 
     Parameters
     ----------
     x0 : float32 [N, C, H, W] clean scaled latents; text : N rows of conditioning
+    empty : the empty prompt's conditioning (1 row)
     """
+    guided = any(w != 1.0 for w in guidance)
+    if guided and (empty is None or not fam.has_guidance(model)):
+        raise ValueError(
+            f"guidance: got {guidance}; scales other than 1 need a guidance-embedding model "
+            "and the empty prompt"
+        )
     n = x0.shape[0]
     sig = eval_sigmas(k_sigmas, _shift_for(shift, x0, p))
     gen = torch.Generator().manual_seed(seed)
@@ -208,9 +221,20 @@ def heldout_flow_loss(
                 eps = eps_all[k, i:j].to(xb.device, xb.dtype)
                 sigma = torch.full((j - i,), float(sig[k]), device=xb.device)
                 x_t = sig[k] * eps + (1 - sig[k]) * xb
-                v = fam.forward(model, x_t, text.select(slice(i, j)), sigma, torch.ones(j - i, device=xb.device), p)
-                total += torch.sum((v.float() - (eps - xb).float()) ** 2).item()
-                count += v.numel()
+                target = (eps - xb).float()
+                ones = torch.ones(j - i, device=xb.device)
+                cond = text.select(slice(i, j)).to(xb.device)
+                v_u = None
+                if guided:
+                    v_u = fam.forward(
+                        model, x_t, empty.to(xb.device).expand(j - i), sigma, ones, p
+                    ).float()
+                for w in guidance:
+                    v = fam.forward(model, x_t, cond, sigma, ones * w, p).float()
+                    if w != 1.0:
+                        v = (v - (1 - w) * v_u) / w
+                    total += torch.sum((v - target) ** 2).item()
+                    count += v.numel()
     finally:
         model.train(was_training)
     return total / count

@@ -76,8 +76,9 @@ class AlignmentProbe:
     :meth:`mse` call runs an adapted model on ``new_z`` ([N, C_n, H_n, W_n]) of the same images.
     """
 
-    def __init__(self, base, base_z, text: TextBatch, reconcile_mode="pool", sigma=0.0,
-                 batch_size=8):
+    def __init__(
+        self, base, base_z, text: TextBatch, reconcile_mode="pool", sigma=0.0, batch_size=8
+    ):
         self.reconcile_mode, self.sigma, self.batch_size = reconcile_mode, sigma, batch_size
         self.text = text
         self.pb = fam.latent_patch_size(base, base_z.shape[1])
@@ -85,8 +86,9 @@ class AlignmentProbe:
         self.base_states = []
         for i in range(0, base_z.shape[0], batch_size):
             tb = text.select(slice(i, i + batch_size))
-            self.base_states.append(block_states(base, base_z[i : i + batch_size], tb, self.pb,
-                                                 sigma))
+            self.base_states.append(
+                block_states(base, base_z[i : i + batch_size], tb, self.pb, sigma)
+            )
         self.labels = list(self.base_states[0])
 
     @torch.no_grad()
@@ -100,14 +102,16 @@ class AlignmentProbe:
             tb = self.text.select(slice(i, i + self.batch_size))
             states = block_states(model, new_z[i : i + self.batch_size], tb, pn, self.sigma)
             for label in self.labels:
-                a, b = reconcile(states[label], grid_n, self.base_states[k][label], self.grid_b,
-                                 self.reconcile_mode)
+                a, b = reconcile(
+                    states[label],
+                    grid_n,
+                    self.base_states[k][label],
+                    self.grid_b,
+                    self.reconcile_mode,
+                )
                 sums[label] += float(((a - b) ** 2).sum())
                 count[label] += a.numel()
         return {label: sums[label] / count[label] for label in self.labels}
-
-
-BLOCK_COLUMNS_FIXED = [("block", "block", None)]
 
 
 def block_table(mse_by_state: dict[str, dict[str, float]], gain: tuple[str, str] | None):
@@ -148,10 +152,15 @@ def save_plot(path: str | Path, mse_by_state: dict, flow_by_state: dict, title: 
     ax1.legend(fontsize=8)
     ax1.tick_params(axis="x", rotation=45)
     names = list(flow_by_state)
-    ax2.bar(range(len(names)), [flow_by_state[n] for n in names], color="tab:gray")
-    ax2.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    x = torch.arange(len(names)).float()
+    ax2.bar(x - 0.2, [flow_by_state[n]["flow"] for n in names], width=0.4, label="w = 1")
+    if any(flow_by_state[n].get("guided") is not None for n in names):
+        guided = [flow_by_state[n].get("guided") or 0.0 for n in names]
+        ax2.bar(x + 0.2, guided, width=0.4, label="guided (distilled)")
+    ax2.set_xticks(x.tolist(), names, rotation=45, ha="right", fontsize=8)
     ax2.set_ylabel("held-out flow-matching loss")
     ax2.set_title("flow-matching loss")
+    ax2.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)

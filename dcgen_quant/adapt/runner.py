@@ -81,7 +81,9 @@ def load_base(path: str | Path):
         vae = path / "vae"
         return model.eval(), (vae if vae.is_dir() else None), cls
     if cls not in TRANSFORMERS:
-        raise ValueError(f"base: {path} holds a {cls}; expected one of {TRANSFORMERS} or a pipeline")
+        raise ValueError(
+            f"base: {path} holds a {cls}; expected one of {TRANSFORMERS} or a pipeline"
+        )
     return getattr(diffusers, cls).from_pretrained(path, local_files_only=True).eval(), None, None
 
 
@@ -133,8 +135,11 @@ class Context:
             )
         self.base_ae = load_autoencoder(vae_dir, "base_ae")
         self.target_ae = load_autoencoder(inputs.target_ae, "target_ae")
-        for p in (*self.base.parameters(), *self.base_ae.parameters(),
-                  *self.target_ae.parameters()):
+        for p in (
+            *self.base.parameters(),
+            *self.base_ae.parameters(),
+            *self.target_ae.parameters(),
+        ):
             p.requires_grad_(False)
         self.new_channels = int(self.target_ae.config.latent_channels)
         self.base_p = fam.latent_patch_size(self.base, int(self.base_ae.config.latent_channels))
@@ -159,8 +164,9 @@ class Context:
         texts, empty = D.cached_text(cache_dir, self.text_encoder, captions)
         sets = []
         for group in (train_items, held_items):
-            lat = D.cached_latents(cache_dir, group, inputs.resolution, encoders, fps,
-                                   progress=progress)
+            lat = D.cached_latents(
+                cache_dir, group, inputs.resolution, encoders, fps, progress=progress
+            )
             idx = torch.tensor([captions.index(it.caption) for it in group])
             sets.append(D.LatentSet(lat["base"], lat["new"], idx, texts, empty, lat["names"]))
         self.train, self.held = sets
@@ -207,8 +213,13 @@ def _surgery(ctx: Context, opts_record: dict):
     sample = None
     if ctx.family == "sana":
         sample = ctx.inputs.resolution // ctx.new_downsample
-    return surgery(ctx.base, ctx.new_channels, opts_record["patch_size"],
-                   sample_size=sample, seed=opts_record["seed"])
+    return surgery(
+        ctx.base,
+        ctx.new_channels,
+        opts_record["patch_size"],
+        sample_size=sample,
+        seed=opts_record["seed"],
+    )
 
 
 def _save_params(path: Path, params: dict) -> None:
@@ -264,12 +275,16 @@ def run_chain(ctx: Context, out: str | Path, opts: ChainOptions) -> dict:
     """Run the requested stages in ``out``; returns the run state (also in ``out/adapt.json``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    surgery_record = {"patch_size": opts.patch_size, "seed": opts.seed,
-                      "reconcile": opts.reconcile, "init": opts.init}
+    surgery_record = {
+        "patch_size": opts.patch_size,
+        "seed": opts.seed,
+        "reconcile": opts.reconcile,
+        "init": opts.init,
+    }
     state_path = out / STATE_FILE
     if state_path.exists():
         if not opts.resume:
-            raise FileExistsError(
+            raise ValueError(
                 f"out: {out} already holds a run ({STATE_FILE}); pass --resume to continue it "
                 "or choose another --out"
             )
@@ -312,10 +327,14 @@ def run_chain(ctx: Context, out: str | Path, opts: ChainOptions) -> dict:
         cfg = opts.config(stage)
         kw = {"ckpt_path": ckpt, "resume": opts.resume, "progress": opts.progress}
         if stage == "align":
-            result = align(model, ctx.base, ctx.train, cfg, reconcile_mode=opts.reconcile,
-                           init=opts.init, **kw)
-            trained = {n: p for n, p in model.named_parameters()
-                       if n.startswith(fam.embedder_name(model) + ".")}
+            result = align(
+                model, ctx.base, ctx.train, cfg, reconcile_mode=opts.reconcile, init=opts.init, **kw
+            )
+            trained = {
+                n: p
+                for n, p in model.named_parameters()
+                if n.startswith(fam.embedder_name(model) + ".")
+            }
         elif stage == "head":
             result = align_head(model, ctx.train, cfg, **kw)
             trained = _embed_head(model)
@@ -344,7 +363,8 @@ def run_chain(ctx: Context, out: str | Path, opts: ChainOptions) -> dict:
             "family": ctx.family,
             "latent_channels": ctx.new_channels,
             "latent_patch_size": opts.patch_size,
-            "packing": "outside the model, (C, py, px) per token" if ctx.family == "flux"
+            "packing": "outside the model, (C, py, px) per token"
+            if ctx.family == "flux"
             else "model patch_embed",
             "autoencoder": str(Path(ctx.inputs.target_ae).resolve()),
             "stages": sequence,
@@ -361,13 +381,16 @@ def _embed_head(model) -> dict:
     return {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
 
 
+GUIDANCE_EVAL = (1.0, 3.5, 7.0, 14.0)
+
+
 def evaluate(
     ctx: Context,
     runs: list[tuple[str | Path, dict[str, str]]],
     reconcile_mode: str = "pool",
     sigma: float = 0.0,
 ) -> tuple[dict, dict]:
-    """Per-block feature MSE and held-out flow loss of the states of one or more runs.
+    """Per-block feature MSE and held-out flow losses of the states of one or more runs.
 
     Parameters
     ----------
@@ -377,23 +400,31 @@ def evaluate(
 
     Returns
     -------
-    (mse_by_state: name -> {block: mse}, flow_by_state: name -> held-out flow loss); the flow
-    dict starts with ``base`` (the base model on the base latents of the same images).
+    (mse: name -> {block: mse}, flow: name -> {"flow": loss at w = 1, "guided": the distilled
+    objective averaged over w in GUIDANCE_EVAL (guidance-embedding models; else None)}); the
+    flow dict starts with ``base``: the base model on the base latents of the same images.
     """
     from .flow import heldout_flow_loss
     from .report import AlignmentProbe
 
     n = min(len(ctx.held), ctx.inputs.report_images)
     held = slice(0, n)
-    text = ctx.held.text(held)
+    text, empty = ctx.held.text(held), ctx.held.empty
     base_z, new_z = ctx.held.base[held], ctx.held.new[held]
     probe = AlignmentProbe(ctx.base, base_z, text, reconcile_mode, sigma)
-    mse, flow = {}, {"base": heldout_flow_loss(ctx.base, base_z, text, ctx.base_p)}
+
+    def losses(model, z, p):
+        guided = None
+        if fam.has_guidance(model):
+            guided = heldout_flow_loss(model, z, text, p, empty=empty, guidance=GUIDANCE_EVAL)
+        return {"flow": heldout_flow_loss(model, z, text, p), "guided": guided}
+
+    mse, flow = {}, {"base": losses(ctx.base, base_z, ctx.base_p)}
     for out, names in runs:
         for label, model in states(ctx, out):
             if label not in names:
                 continue
             name = names[label]
             mse[name] = probe.mse(model, new_z)
-            flow[name] = heldout_flow_loss(model, new_z, text, fam.latent_patch_size(model, ctx.new_channels))
+            flow[name] = losses(model, new_z, fam.latent_patch_size(model, ctx.new_channels))
     return mse, flow

@@ -16,6 +16,8 @@ in stage 2, LoRA rank 256 / alpha 256, EMA 0.999); the step counts are the calle
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,8 +143,7 @@ def align_loss(
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
         teacher = fam.embed_tokens(base, fam.embedder(base), data.base[i : i + batch_size], pb)
-        student = fam.embed_tokens(adapted, fam.embedder(adapted), data.new[i : i + batch_size],
-                                   pn)
+        student = fam.embed_tokens(adapted, fam.embedder(adapted), data.new[i : i + batch_size], pn)
         s, t = reconcile(student, gn, teacher, gb, reconcile_mode)
         total += float(((s.float() - t.float()) ** 2).sum())
         count += s.numel()
@@ -192,8 +193,8 @@ def align(
     pb, pn, gb, gn = _grids(base, adapted, data)
     _freeze(adapted)
     _freeze(base)
-    if init == "lstsq" and not (resume and ckpt_path is not None and _exists(ckpt_path)):
-        lstsq_embedder(adapted, base, data, reconcile_mode)
+    if init == "lstsq" and not (resume and ckpt_path is not None and Path(ckpt_path).exists()):
+        lstsq_embedder(adapted, base, data, reconcile_mode)  # a resumed run loads its weights
     emb_b, emb_n = fam.embedder(base), fam.embedder(adapted)
     dev = next(emb_n.parameters()).device
 
@@ -206,16 +207,17 @@ def align(
         s, t = reconcile(student, gn, teacher, gb, reconcile_mode)
         return F.mse_loss(s.float(), t.float())
 
-    result = train("align", _named(adapted, [emb_n]), loss_fn, config, ckpt_path=ckpt_path,
-                   resume=resume, progress=progress)
+    result = train(
+        "align",
+        _named(adapted, [emb_n]),
+        loss_fn,
+        config,
+        ckpt_path=ckpt_path,
+        resume=resume,
+        progress=progress,
+    )
     _freeze(adapted)
     return result
-
-
-def _exists(path) -> bool:
-    from pathlib import Path
-
-    return Path(path).exists()
 
 
 def _flow_stage(name, model, data, config, objective, params, ckpt_path, resume, progress):
@@ -225,11 +227,13 @@ def _flow_stage(name, model, data, config, objective, params, ckpt_path, resume,
 
     def loss_fn(step, gen):
         idx = torch.randint(len(data), (config.batch_size,), generator=gen)
-        return flow_loss(model, data.new[idx].to(dev), data.text(idx).to(dev), empty, gen,
-                         objective, p)
+        return flow_loss(
+            model, data.new[idx].to(dev), data.text(idx).to(dev), empty, gen, objective, p
+        )
 
-    result = train(name, params, loss_fn, config, ckpt_path=ckpt_path, resume=resume,
-                   progress=progress)
+    result = train(
+        name, params, loss_fn, config, ckpt_path=ckpt_path, resume=resume, progress=progress
+    )
     _freeze(model)
     return result
 
@@ -258,8 +262,9 @@ def align_head(
     objective = objective or FlowObjective(guidance="fixed", text_drop=0.0)
     _freeze(adapted)
     params = _named(adapted, [fam.embedder(adapted), fam.head(adapted)])
-    return _flow_stage("head", adapted, data, config, objective, params, ckpt_path, resume,
-                       progress)
+    return _flow_stage(
+        "head", adapted, data, config, objective, params, ckpt_path, resume, progress
+    )
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, seed: int = 0, targets=None) -> list[str]:
@@ -322,8 +327,9 @@ def finetune_lora(
         **lora_parameters(adapted),
         **_named(adapted, [fam.embedder(adapted), fam.head(adapted)]),
     }
-    return _flow_stage("lora", adapted, data, config, objective, params, ckpt_path, resume,
-                       progress)
+    return _flow_stage(
+        "lora", adapted, data, config, objective, params, ckpt_path, resume, progress
+    )
 
 
 @torch.no_grad()

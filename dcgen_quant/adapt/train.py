@@ -232,7 +232,9 @@ def _load(ckpt, name, params, names, opt, ema, config, result) -> int:
         raise ValueError(f"config: differs from the checkpoint's (saved, now): {diff}")
     saved = state["params"]
     if sorted(saved) != names:
-        raise ValueError(f"ckpt_path: {ckpt} holds parameters {sorted(saved)[:4]}...; expected {names[:4]}...")
+        raise ValueError(
+            f"ckpt_path: {ckpt} holds parameters {sorted(saved)[:4]}...; expected {names[:4]}..."
+        )
     with torch.no_grad():
         for n in names:
             if saved[n].shape != params[n].shape:

@@ -75,7 +75,6 @@ def test_hashed_text_is_deterministic_and_word_based():
     assert abs(a.embeds.std().item() - 1) < 0.2
 
 
-
 def test_cached_latents_and_text(folder, tmp_path, monkeypatch):
     items = D.scan_folder(folder, "x")
     calls = []
@@ -86,20 +85,35 @@ def test_cached_latents_and_text(folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(D, "encode", fake_encode)
     cache = tmp_path / "cache"
-    out = D.cached_latents(cache, items, 8, {"base": 1.0, "new": 2.0}, {"base": "1", "new": "2"},
-                           batch_size=2, progress=False)
+    out = D.cached_latents(
+        cache,
+        items,
+        8,
+        {"base": 1.0, "new": 2.0},
+        {"base": "1", "new": "2"},
+        batch_size=2,
+        progress=False,
+    )
     assert out["names"] == ["a.jpg", "b.png", "c.webp"]
     assert out["base"].shape == (3, 2, 2, 2) and torch.equal(out["new"], 2 * out["base"])
     assert sum(calls) == 6
-    again = D.cached_latents(cache, items, 8, {"base": 1.0, "new": 2.0},
-                             {"base": "1", "new": "2"}, progress=False)
+    again = D.cached_latents(
+        cache, items, 8, {"base": 1.0, "new": 2.0}, {"base": "1", "new": "2"}, progress=False
+    )
     assert sum(calls) == 6 and torch.equal(again["new"], out["new"])  # served from the cache
-    D.cached_latents(cache, items, 8, {"base": 1.0, "new": 2.0}, {"base": "1", "new": "3"},
-                     progress=False)
+    D.cached_latents(
+        cache, items, 8, {"base": 1.0, "new": 2.0}, {"base": "1", "new": "3"}, progress=False
+    )
     assert sum(calls) == 12  # another autoencoder: recomputed
     write(folder, "b.png", 40, 24, 9)  # changed image bytes: recomputed
-    D.cached_latents(cache, D.scan_folder(folder, "x"), 8, {"base": 1.0, "new": 2.0},
-                     {"base": "1", "new": "2"}, progress=False)
+    D.cached_latents(
+        cache,
+        D.scan_folder(folder, "x"),
+        8,
+        {"base": 1.0, "new": 2.0},
+        {"base": "1", "new": "2"},
+        progress=False,
+    )
     assert sum(calls) == 18
 
     enc = D.HashedText(16, None, 4)

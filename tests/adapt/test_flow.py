@@ -106,10 +106,24 @@ def test_distilled_loss_is_the_reference_formula_with_stop_gradient():
 
 def test_distilled_at_w_1_is_plain_flow_matching():
     model, x0, text, empty = _setup(1)
-    a = flow_loss(model, x0, text, empty, torch.Generator().manual_seed(3),
-                  FlowObjective(guidance="distilled", guidance_range=(1.0, 1.0)), 1)
-    b = flow_loss(model, x0, text, empty, torch.Generator().manual_seed(3),
-                  FlowObjective(guidance="fixed", guidance_range=(1.0, 1.0)), 1)
+    a = flow_loss(
+        model,
+        x0,
+        text,
+        empty,
+        torch.Generator().manual_seed(3),
+        FlowObjective(guidance="distilled", guidance_range=(1.0, 1.0)),
+        1,
+    )
+    b = flow_loss(
+        model,
+        x0,
+        text,
+        empty,
+        torch.Generator().manual_seed(3),
+        FlowObjective(guidance="fixed", guidance_range=(1.0, 1.0)),
+        1,
+    )
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
 
 
@@ -119,10 +133,18 @@ def test_sana_without_guidance_uses_plain_loss():
     x0 = torch.randn(2, 16, 4, 4, generator=g)
     text = TextBatch(torch.randn(2, 6, 128, generator=g), None, torch.ones(2, 6))
     empty = TextBatch(torch.randn(1, 6, 128, generator=g), None, torch.ones(1, 6))
-    a = flow_loss(model, x0, text, empty, torch.Generator().manual_seed(5),
-                  FlowObjective(guidance="distilled"), 1)
-    b = flow_loss(model, x0, text, empty, torch.Generator().manual_seed(5),
-                  FlowObjective(guidance="fixed"), 1)
+    a = flow_loss(
+        model,
+        x0,
+        text,
+        empty,
+        torch.Generator().manual_seed(5),
+        FlowObjective(guidance="distilled"),
+        1,
+    )
+    b = flow_loss(
+        model, x0, text, empty, torch.Generator().manual_seed(5), FlowObjective(guidance="fixed"), 1
+    )
     assert a.item() == b.item()
 
 

@@ -52,8 +52,14 @@ def flux_data(n=24, seed=0):
     new = torch.einsum("nchw,cd->ndhw", pooled, mix) + 0.05 * torch.randn(n, 12, 2, 2, generator=g)
     text = HashedText(256, 128, length=4)
     caps = ["a cat", "a dog", "two birds"]
-    return LatentSet(base, new, torch.arange(n) % 3, text.encode(caps), text.encode([""]),
-                     [f"{i}.png" for i in range(n)])
+    return LatentSet(
+        base,
+        new,
+        torch.arange(n) % 3,
+        text.encode(caps),
+        text.encode([""]),
+        [f"{i}.png" for i in range(n)],
+    )
 
 
 @pytest.mark.parametrize("mode", ["pool", "bilinear"])
@@ -62,8 +68,14 @@ def test_align_trains_only_the_embedder_and_approaches_the_lstsq_floor(mode):
     data = flux_data()
     ad = surgery(base, 12, 1)
     frozen = {n: p.clone() for n, p in ad.named_parameters() if not n.startswith("x_embedder")}
-    res = align(ad, base, data, TrainConfig(steps=150, lr=3e-3, batch_size=8),
-                reconcile_mode=mode, progress=False)
+    res = align(
+        ad,
+        base,
+        data,
+        TrainConfig(steps=150, lr=3e-3, batch_size=8),
+        reconcile_mode=mode,
+        progress=False,
+    )
     for n, p in ad.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
@@ -81,13 +93,18 @@ def test_align_trains_only_the_embedder_and_approaches_the_lstsq_floor(mode):
 def test_align_lstsq_init_on_sana_with_patch_2():
     base = tiny_sana()
     g = torch.Generator().manual_seed(1)
-    data = LatentSet(torch.randn(10, 32, 8, 8, generator=g), torch.randn(10, 20, 4, 4, generator=g),
-                     torch.zeros(10, dtype=torch.long),
-                     HashedText(128, None, 4, mask=True).encode(["x"]),
-                     HashedText(128, None, 4, mask=True).encode([""]), list("abcdefghij"))
+    data = LatentSet(
+        torch.randn(10, 32, 8, 8, generator=g),
+        torch.randn(10, 20, 4, 4, generator=g),
+        torch.zeros(10, dtype=torch.long),
+        HashedText(128, None, 4, mask=True).encode(["x"]),
+        HashedText(128, None, 4, mask=True).encode([""]),
+        list("abcdefghij"),
+    )
     ad = surgery(base, 20, 2, sample_size=4)
-    res = align(ad, base, data, TrainConfig(steps=2, lr=1e-4, batch_size=10), init="lstsq",
-                progress=False)
+    res = align(
+        ad, base, data, TrainConfig(steps=2, lr=1e-4, batch_size=10), init="lstsq", progress=False
+    )
     ad2 = surgery(base, 20, 2, sample_size=4)
     res2 = align(ad2, base, data, TrainConfig(steps=2, lr=1e-4, batch_size=10), progress=False)
     assert res.losses[0] < 0.5 * res2.losses[0]
@@ -151,14 +168,21 @@ def test_head_and_lora_stages_train_the_right_parameters():
     data = flux_data(12)
     ad = surgery(base, 12, 1)
     before = {n: p.clone() for n, p in ad.named_parameters()}
-    res = align_head(ad, data, TrainConfig(steps=3, lr=1e-3, batch_size=2, grad_clip=0.1),
-                     progress=False)
+    res = align_head(
+        ad, data, TrainConfig(steps=3, lr=1e-3, batch_size=2, grad_clip=0.1), progress=False
+    )
     changed = {n for n, p in ad.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"x_embedder.weight", "x_embedder.bias", "proj_out.weight", "proj_out.bias"}
     assert len(res.losses) == 3
     before = {n: p.clone() for n, p in ad.named_parameters()}
-    finetune_lora(ad, data, TrainConfig(steps=3, lr=1e-3, batch_size=2, ema=0.999), rank=4,
-                  alpha=4, progress=False)
+    finetune_lora(
+        ad,
+        data,
+        TrainConfig(steps=3, lr=1e-3, batch_size=2, ema=0.999),
+        rank=4,
+        alpha=4,
+        progress=False,
+    )
     lora = [n for n, _ in ad.named_parameters() if ".lora_" in n]
     assert len(lora) == 2 * len(fam.lora_targets(base))
     for n, p in ad.named_parameters():

@@ -72,17 +72,22 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, hooks, k):
     saved = torch.load(tmp_path / "c.pt", weights_only=False)
     assert saved["step"] == k  # the interrupt saved the last completed step
     model2, params2, fn2 = problem(seed=1)  # different init: everything must come from the file
-    res = train("t", params2, fn2, TrainConfig(**CFG), ckpt_path=tmp_path / "c.pt", resume=True,
-                progress=False)
+    res = train(
+        "t",
+        params2,
+        fn2,
+        TrainConfig(**CFG),
+        ckpt_path=tmp_path / "c.pt",
+        resume=True,
+        progress=False,
+    )
     assert res.resumed_from == k
     assert res.losses == pytest.approx(ref.losses, rel=0, abs=0)
     for n, w in weights(ref_model).items():
         torch.testing.assert_close(weights(model2)[n], w, rtol=1e-6, atol=1e-7)
 
 
-def test_interrupt_inside_an_update_falls_back_to_the_periodic_checkpoint(
-    tmp_path, monkeypatch
-):
+def test_interrupt_inside_an_update_falls_back_to_the_periodic_checkpoint(tmp_path, monkeypatch):
     ref_model, ref_params, ref_fn = problem()
     train("t", ref_params, ref_fn, TrainConfig(**CFG), progress=False)
 
@@ -102,8 +107,15 @@ def test_interrupt_inside_an_update_falls_back_to_the_periodic_checkpoint(
     monkeypatch.undo()
     assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 10  # not 12
     model2, params2, fn2 = problem(seed=1)
-    train("t", params2, fn2, TrainConfig(**CFG), ckpt_path=tmp_path / "c.pt", resume=True,
-          progress=False)
+    train(
+        "t",
+        params2,
+        fn2,
+        TrainConfig(**CFG),
+        ckpt_path=tmp_path / "c.pt",
+        resume=True,
+        progress=False,
+    )
     for n, w in weights(ref_model).items():
         torch.testing.assert_close(weights(model2)[n], w, rtol=1e-6, atol=1e-7)
 
@@ -125,27 +137,56 @@ def test_ema_weights_are_the_result(hooks):
 
 def test_checkpoint_errors(tmp_path):
     model, params, fn = problem()
-    train("t", params, fn, TrainConfig(steps=2, lr=1e-3), ckpt_path=tmp_path / "c.pt",
-          progress=False)
+    train(
+        "t", params, fn, TrainConfig(steps=2, lr=1e-3), ckpt_path=tmp_path / "c.pt", progress=False
+    )
     with pytest.raises(FileExistsError, match="resume=True"):
-        train("t", params, fn, TrainConfig(steps=4, lr=1e-3), ckpt_path=tmp_path / "c.pt",
-              progress=False)
+        train(
+            "t",
+            params,
+            fn,
+            TrainConfig(steps=4, lr=1e-3),
+            ckpt_path=tmp_path / "c.pt",
+            progress=False,
+        )
     with pytest.raises(ValueError, match="'lr': \\(0.001, 0.01\\)"):
-        train("t", params, fn, TrainConfig(steps=4, lr=1e-2), ckpt_path=tmp_path / "c.pt",
-              resume=True, progress=False)
+        train(
+            "t",
+            params,
+            fn,
+            TrainConfig(steps=4, lr=1e-2),
+            ckpt_path=tmp_path / "c.pt",
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="expected 'u'"):
-        train("u", params, fn, TrainConfig(steps=4, lr=1e-3), ckpt_path=tmp_path / "c.pt",
-              resume=True, progress=False)
+        train(
+            "u",
+            params,
+            fn,
+            TrainConfig(steps=4, lr=1e-3),
+            ckpt_path=tmp_path / "c.pt",
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="already done 2 steps"):
-        train("t", params, fn, TrainConfig(steps=1, lr=1e-3), ckpt_path=tmp_path / "c.pt",
-              resume=True, progress=False)
+        train(
+            "t",
+            params,
+            fn,
+            TrainConfig(steps=1, lr=1e-3),
+            ckpt_path=tmp_path / "c.pt",
+            resume=True,
+            progress=False,
+        )
 
 
 def test_non_finite_loss_is_an_error():
     model, params, fn = problem()
     with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
-        train("t", params, lambda s, g: fn(s, g) * float("nan"), TrainConfig(steps=2),
-              progress=False)
+        train(
+            "t", params, lambda s, g: fn(s, g) * float("nan"), TrainConfig(steps=2), progress=False
+        )
 
 
 @pytest.mark.parametrize(
