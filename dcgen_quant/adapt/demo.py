@@ -70,6 +70,7 @@ class DemoConfig:
     crops_train: int = 24
     crops_heldout: int = 4
     ae_steps: int = 150
+    target_ae_steps: int = 400
     ae_lr: float = 2e-3
     pretrain_steps: int = 300
     pretrain_lr: float = 1e-3
@@ -309,7 +310,7 @@ def build_inputs(root: str | Path, cfg: DemoConfig, progress: bool = True) -> di
         psnr = {
             "base": pretrain_ae(base_ae, images, cfg.ae_steps, cfg.ae_lr, cfg.seed, progress),
             "target": pretrain_ae(
-                target_ae, images, cfg.ae_steps, cfg.ae_lr, cfg.seed + 1, progress
+                target_ae, images, cfg.target_ae_steps, cfg.ae_lr, cfg.seed + 1, progress
             ),
         }
         if cfg.family == "flux":

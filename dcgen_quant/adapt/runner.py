@@ -152,8 +152,13 @@ class Context:
             train_items, held_items = D.split_holdout(items, holdout)
         fps = {"base": D.dir_fingerprint(vae_dir), "new": D.dir_fingerprint(inputs.target_ae)}
         encoders = {"base": self.base_ae, "new": self.target_ae}
+        record = asdict(inputs)
+        record.pop("report_images")  # reporting only: may change between invocations
+        for key in ("base", "target_ae", "data", "base_ae", "heldout"):
+            if record[key] is not None:
+                record[key] = str(Path(record[key]).resolve())
         self.record = {
-            "inputs": asdict(inputs),
+            "inputs": record,
             "family": self.family,
             "autoencoders": fps,
             "text": self.text_encoder.fingerprint,
@@ -187,7 +192,6 @@ class ChainOptions:
     grad_clip: float = 0.1
     reconcile: str = "pool"
     patch_size: int = 1
-    init: str = "default"
     seed: int = 0
     ckpt_every: int = 100
     resume: bool = False
@@ -275,12 +279,7 @@ def run_chain(ctx: Context, out: str | Path, opts: ChainOptions) -> dict:
     """Run the requested stages in ``out``; returns the run state (also in ``out/adapt.json``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    surgery_record = {
-        "patch_size": opts.patch_size,
-        "seed": opts.seed,
-        "reconcile": opts.reconcile,
-        "init": opts.init,
-    }
+    surgery_record = {"patch_size": opts.patch_size, "seed": opts.seed, "reconcile": opts.reconcile}
     state_path = out / STATE_FILE
     if state_path.exists():
         if not opts.resume:
@@ -327,9 +326,7 @@ def run_chain(ctx: Context, out: str | Path, opts: ChainOptions) -> dict:
         cfg = opts.config(stage)
         kw = {"ckpt_path": ckpt, "resume": opts.resume, "progress": opts.progress}
         if stage == "align":
-            result = align(
-                model, ctx.base, ctx.train, cfg, reconcile_mode=opts.reconcile, init=opts.init, **kw
-            )
+            result = align(model, ctx.base, ctx.train, cfg, reconcile_mode=opts.reconcile, **kw)
             trained = {
                 n: p
                 for n, p in model.named_parameters()

@@ -10,8 +10,9 @@ Initialization (documented choice)
   +-1/sqrt(fan_in), what diffusers gives any freshly built layer), drawn from a generator seeded
   with ``seed``. On unit-variance latents its outputs have variance ~1/3, the same order as a
   trained embedder's, and stage 1 replaces it anyway. ``"zeros"`` is available. A least-squares
-  fit to the teacher is a warm start that :func:`dcgen_quant.adapt.stages.align` offers
-  (``init="lstsq"``), because it needs latent pairs, which surgery does not have.
+  fit to the teacher (:func:`dcgen_quant.adapt.stages.lstsq_embedder`) is *not* used as the init:
+  it needs latent pairs, and on badly conditioned latents it produces huge weights along
+  directions that the noise of x_t excites (see its docstring).
 - Head, ``head_init="zeros"`` (default): the adapted model then predicts v = 0 before stage 2,
   whose flow-matching loss E||eps - x0||^2 is a known, finite baseline; a random head would add
   an arbitrary random projection of the final hidden states to every prediction, inflating the

@@ -4,8 +4,8 @@ One demo run (tiny models built in code, autoencoders pre-trained for a few seco
 AutoencoderKL base and a 4x more compressed AutoencoderDC target), then its report is checked:
 
 - stage 1 lowers the per-block feature MSE against the base by at least 5x at every block;
-- stage 2 lowers the held-out flow-matching loss (w = 1), stage 3 the guidance-distilled
-  held-out loss it trains (see docs/ADAPT.md for the w = 1 column after stage 3);
+- stage 2 lowers the held-out flow-matching loss, stage 3 the guidance-distilled held-out loss
+  it trains (docs/ADAPT.md discusses the w = 1 column after stage 3);
 - the LoRA-only run without stage 1 stays further from the base at every block (the gap);
 - the output is a diffusers directory that FluxTransformer2DModel loads and runs.
 """
@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel, SanaTransformer2DModel
 
 from dcgen_quant.adapt import family as fam
 from dcgen_quant.adapt.data import HashedText
@@ -44,7 +44,8 @@ def test_demo_acceptance(tmp_path, capsys):
     assert flow["stage2"]["flow"] < 0.5 * flow["stage1"]["flow"]
     assert flow["stage2"]["guided"] < flow["stage1"]["guided"]
     assert flow["stage3"]["guided"] < flow["stage2"]["guided"]
-    assert flow["stage3"]["flow"] < flow["stage2"]["flow"]
+    # not asserted: stage 3's loss at w = 1 alone, which it trains on only near w = 1 of
+    # U[1, 14]; measured lower in some runs and higher in others (docs/ADAPT.md)
 
     # without stage 1, LoRA fine-tuning leaves the model further from the base at every block
     for r in rows:
@@ -69,3 +70,23 @@ def test_demo_acceptance(tmp_path, capsys):
     # a finished demo re-runs from its checkpoints and caches without training again
     code, stdout, _ = run_cli(["adapt", "--demo", "--out", str(out), "--resume", "--json"], capsys)
     assert code == 0 and json_report(stdout)["rows"] == rows
+
+
+@pytest.mark.slow
+def test_sana_demo(tmp_path, capsys):
+    # SANA family: AutoencoderDC f8c32 -> AutoencoderDC f16c128 (4x fewer tokens)
+    out = tmp_path / "sana"
+    args = ["adapt", "--demo", "--family", "sana", "--out", str(out)]
+    code, stdout, stderr = run_cli([*args, "--json"], capsys)
+    assert code == 0, stderr[-2000:]
+    rep = json_report(stdout)
+    rows = rep["rows"]
+    assert [r["block"] for r in rows] == ["embed", "block.0", "block.1"]
+    for r in rows:
+        assert r["gain"] >= 5.0, r
+    flow = {r["model"]: r for r in rep["flow_loss"]}
+    assert all(r["guided"] is None for r in flow.values())  # SANA has no guidance embedding
+    assert flow["stage2"]["flow"] < 0.5 * flow["stage1"]["flow"]
+    assert flow["stage3"]["flow"] < flow["stage2"]["flow"]
+    model = SanaTransformer2DModel.from_pretrained(out / "aligned" / "model", local_files_only=True)
+    assert model.config.in_channels == 128 and model.config.patch_size == 1
