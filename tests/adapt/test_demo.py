@@ -88,5 +88,7 @@ def test_sana_demo(tmp_path, capsys):
     assert all(r["guided"] is None for r in flow.values())  # SANA has no guidance embedding
     assert flow["stage2"]["flow"] < 0.5 * flow["stage1"]["flow"]
     assert flow["stage3"]["flow"] < flow["stage2"]["flow"]
+    for r in rows:  # LoRA without stage 1 stays far from the aligned embedder's features
+        assert r["lora-only"] > 2 * r["stage1"], r
     model = SanaTransformer2DModel.from_pretrained(out / "aligned" / "model", local_files_only=True)
     assert model.config.in_channels == 128 and model.config.patch_size == 1
