@@ -33,32 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dcgen_quant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:  # a dependency is missing: a real error
-                raise
-            # The command's module is not in this build (commands are developed in parallel):
-            # the other commands must keep working; this one says so when it is run.
-            module = _Missing(name, module_name)
+        module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
         cmd.set_defaults(_module=module)
     return parser
-
-
-class _Missing:
-    """Stands in for a command whose module is absent from this build."""
-
-    def __init__(self, name: str, module_name: str):
-        self.name, self.module_name = name, module_name
-        self.HELP = f"(not available in this build: {module_name} is missing)"
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("rest", nargs=argparse.REMAINDER)
-
-    def run(self, args) -> int:
-        raise RuntimeError(f"command {self.name}: {self.module_name} is not in this build")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,14 +180,3 @@ def test_sana_chain(sana_inputs, tmp_path, capsys):
     model = SanaTransformer2DModel.from_pretrained(out / "model", local_files_only=True)
     assert model.config.in_channels == 128 and model.config.sample_size == 4
     _forward(out / "model", SanaTransformer2DModel, 128)
-
-
-def test_a_missing_command_module_does_not_break_adapt(monkeypatch, capsys):
-    from dcgen_quant import cli
-
-    monkeypatch.setitem(cli.COMMANDS, "future", "dcgen_quant.no_such_module")
-    with pytest.raises(SystemExit):
-        run_cli(["adapt", "--help"], capsys)
-    assert "--target-ae" in capsys.readouterr().out
-    code, _, err = run_cli(["future", "x"], capsys)
-    assert code == 2 and "dcgen_quant.no_such_module is not in this build" in err
