@@ -3,10 +3,17 @@
 Packages: `dcgen_quant` plus the top-level folders `kernels/` and `bench/`, installed as
 `dcgen_quant.kernels` and `dcgen_quant.bench` (DESIGN.md: no top-level `kernels` package).
 
+The CUDA library (csrc/) is built by csrc/setup_cuda.py when nvcc is present, for
+DCGEN_QUANT_CUDA_ARCHS (default 80;86;89;90a;120a); DCGEN_QUANT_SKIP_CUDA=1 skips it and the
+package installs pure-Python (docs/KERNELS.md, "CUDA library", lists the knobs).
+
 No network, no git, no side effects: everything configurable is an environment variable.
 """
 
-from setuptools import find_packages, setup
+import importlib.util
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
 
 PACKAGE_DIRS = {
     "dcgen_quant": "dcgen_quant",
@@ -23,8 +30,20 @@ def _packages() -> list[str]:
     return packages
 
 
+def _cuda_build():
+    # csrc/ is not a package: load the build helper by path
+    path = Path(__file__).resolve().parent / "csrc" / "setup_cuda.py"
+    spec = importlib.util.spec_from_file_location("dcgen_quant_setup_cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 setup(
     packages=_packages(),
     package_dir=PACKAGE_DIRS,
     package_data={"dcgen_quant": ["py.typed"]},
+    # optional: without nvcc (or with DCGEN_QUANT_SKIP_CUDA=1) nothing is built
+    ext_modules=[Extension("dcgen_quant._C", sources=["csrc/python/bindings.cpp"], optional=True)],
+    cmdclass={"build_ext": _cuda_build().BuildExt},
 )

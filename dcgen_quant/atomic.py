@@ -36,6 +36,7 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
         fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give files the usual mode
     try:
         yield tmp
         if not directory:
@@ -54,6 +55,12 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:

@@ -57,6 +57,7 @@ __all__ = [
     "gemm_w4a4",
     "gemm_w4a16",
     "get_backend",
+    "preferred_layout",
     "quantize_act",
     "set_backend",
 ]
@@ -156,6 +157,21 @@ def _dispatch(op: str, device: torch.device, *args):
         except BackendUnsupported as exc:
             reasons.append(f"backend {name!r}: {exc}")
     raise RuntimeError(f"dcgen_quant::{op}: no backend can run this call: {'; '.join(reasons)}")
+
+
+def preferred_layout(fmt: str, device: torch.device | str) -> str:
+    """The nibble layout that the backend serving ``device`` reads fastest.
+
+    ``canonical`` on CPU and for the reference; otherwise the first available backend's
+    ``preferred_layout(fmt)``. Loaders convert weights to it once (SVDQLinear.set_layout).
+    """
+    for name in _candidates(torch.device(device)):
+        if name == "reference":
+            return CANONICAL
+        loaded = _load_backend(name)
+        if not isinstance(loaded, str) and hasattr(loaded, "preferred_layout"):
+            return loaded.preferred_layout(fmt)
+    return CANONICAL
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from dcgen_quant import capabilities
+
+# Without a GPU the Triton kernels run in the interpreter. Triton fixes that mode when it is
+# first imported, so it is chosen here, before any test module can import triton.
+if "TRITON_INTERPRET" not in os.environ and capabilities.cuda_unavailable():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -43,7 +43,17 @@ def _build(cls, config: dict, seed: int, dtype: torch.dtype):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(**config)
-    return model.to(dtype).eval()
+    if dtype != torch.float32:
+        # diffusers warns about .to(dtype) on models without fp32-pinned modules; nothing to pin
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            model = model.to(dtype)
+        finally:
+            diffusers_logging.set_verbosity(level)
+    return model.eval()
 
 
 def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):

@@ -42,6 +42,10 @@ class QuantConfig:
     """Compute / storage dtype of the quantized layers (scales, low-rank factors, bias)."""
     calib_tokens: int = 4096
     """Calibration tokens kept per layer (uniformly subsampled across samples and timesteps)."""
+    search_tokens: int = 1024
+    """Tokens (a uniform subsample of the calibration tokens) on which the (alpha, beta) grid
+    search ranks its candidates; the low-rank refinement, GPTQ's check and the reported errors
+    use all ``calib_tokens``, and the smoothing statistics (max |x| per channel) always do."""
     skip: tuple[str, ...] = field(default_factory=tuple)
     """Extra module-name patterns (fnmatch) to keep in 16 bits, on top of the family's list."""
     weight_only_adanorm: bool = True
@@ -62,6 +66,8 @@ class QuantConfig:
             raise ValueError(f"smooth_grid must be >= 1, got {self.smooth_grid}")
         if self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
+        if self.search_tokens < 1:
+            raise ValueError(f"search_tokens must be >= 1, got {self.search_tokens}")
         self.skip = tuple(self.skip)
 
     @property

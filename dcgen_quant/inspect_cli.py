@@ -1,0 +1,167 @@
+"""``python -m dcgen_quant inspect CHECKPOINT``: what a 4-bit checkpoint holds.
+
+Prints the model, the quantization config, sizes against the 16-bit model, the layers by kind
+and the calibration error summary; ``--layers`` adds one row per quantized layer; ``--json``
+prints one JSON document instead. The tensors are verified against their checksums unless
+``--no-verify``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+HELP = "show what a 4-bit checkpoint holds (model, config, sizes, per-layer errors)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="checkpoint file or sharded directory")
+    parser.add_argument("--layers", action="store_true", help="one row per quantized layer")
+    parser.add_argument("--no-verify", action="store_true", help="skip the checksum pass")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _tensor_bytes(reader) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """key -> (shape, dtype name, bytes), read from the headers only."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in reader.files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                sl = handle.get_slice(key)
+                shape = tuple(sl.get_shape())
+                dtype = sl.get_dtype()
+                numel = 1
+                for d in shape:
+                    numel *= d
+                out[key] = (shape, dtype, numel * _ITEMSIZE.get(dtype, 4))
+    return out
+
+
+_ITEMSIZE = {"U8": 1, "I8": 1, "F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8}
+
+
+def summarize(path: Path, verify: bool = True) -> dict[str, Any]:
+    """Everything ``inspect`` prints, as a dict."""
+    from .checkpoint import _expected_layer_tensors, _Reader, _validate_tensor, read_metadata
+
+    reader = _Reader(path)
+    meta = read_metadata(path)
+    tensors = _tensor_bytes(reader)
+    layers = meta["layers"]
+    layer_keys = {}
+    for name, info in layers.items():
+        layer_keys.update(_expected_layer_tensors(name, info))
+        missing = [k for k in _expected_layer_tensors(name, info) if k not in tensors]
+        if missing:
+            raise ValueError(f"{path}: layer {name!r} lacks tensor {missing[0]!r}")
+    if verify:
+        for key, t in reader.tensors():
+            want = layer_keys.get(key, (t.shape, t.dtype))
+            _validate_tensor(key, t, want, meta["checksums"], True)
+
+    sizes = {"codes_4bit": 0, "scales": 0, "low_rank_and_smooth": 0, "other": 0}
+    for key, (_, _, nbytes) in tensors.items():
+        suffix = key.rsplit(".", 1)[-1]
+        if key in layer_keys and suffix == "qweight":
+            sizes["codes_4bit"] += nbytes
+        elif key in layer_keys and suffix in ("wscales", "wtscale"):
+            sizes["scales"] += nbytes
+        elif key in layer_keys and suffix in ("proj_down", "proj_up", "smooth_factor"):
+            sizes["low_rank_and_smooth"] += nbytes
+        else:
+            sizes["other"] += nbytes
+    # The same model in 16 bits: each quantized layer's N x K weight (+ bias) at 2 bytes per
+    # element, every other tensor at 2 bytes per element.
+    bf16 = sum(
+        2 * info["out_features"] * (info["in_features"] + bool(info["bias"]))
+        for info in layers.values()
+    )
+    bf16 += sum(
+        2 * (nbytes // _ITEMSIZE.get(dtype, 4))
+        for key, (_, dtype, nbytes) in tensors.items()
+        if key not in layer_keys
+    )
+    total = sum(sizes.values())
+    kinds: dict[str, int] = {}
+    for info in layers.values():
+        kinds[info["kind"]] = kinds.get(info["kind"], 0) + 1
+    return {
+        "path": str(path),
+        "format_version": meta["format_version"],
+        "tool_version": meta.get("tool_version"),
+        "model_class": meta["model"].get("class"),
+        "model_config": meta["model"].get("config", {}),
+        "quantization_config": meta["quantization_config"],
+        "layers_by_kind": kinds,
+        "bytes": {**sizes, "total": total, "bf16_equivalent": bf16},
+        "size_vs_bf16": total / bf16 if bf16 else None,
+        "calibration": meta.get("calibration") or {},
+        "layers": layers,
+        "verified": verify,
+    }
+
+
+def _layer_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    calib = {row.get("name"): row for row in summary["calibration"].get("layers", [])}
+    rows = []
+    for name, info in summary["layers"].items():
+        row = {"name": name, **info}
+        stats = calib.get(name, {})
+        for key in ("err_rtn", "err_smooth", "err_svdq", "seconds"):
+            row[key] = stats.get(key)
+        rows.append(row)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from .tables import format_table
+
+    summary = summarize(args.checkpoint, verify=not args.no_verify)
+    if args.json:
+        doc = {k: v for k, v in summary.items() if k != "layers"}
+        doc["layers"] = _layer_rows(summary)
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    q = summary["quantization_config"]
+    cfg = summary["model_config"]
+    print(f"checkpoint   {summary['path']}  (format v{summary['format_version']}, "
+          f"written by dcgen_quant {summary['tool_version']})")  # fmt: skip
+    shape = ", ".join(f"{k}={cfg[k]}" for k in ("num_layers", "num_single_layers") if k in cfg)
+    print(f"model        {summary['model_class']}  {shape}")
+    print(
+        f"quantization {q.get('method', 'svdquant')} {q.get('format')} group {q.get('group_size')} "
+        f"rank {q.get('rank')} smooth={q.get('smooth')} gptq={q.get('gptq')} "
+        f"dtype={q.get('dtype')}"
+    )
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["layers_by_kind"].items()))
+    print(f"layers       {kinds}")
+    b = summary["bytes"]
+    mib = 1024**2
+    print(
+        f"size         {b['total'] / mib:.2f} MiB = {summary['size_vs_bf16']:.3f}x the 16-bit "
+        f"model ({b['bf16_equivalent'] / mib:.2f} MiB): 4-bit codes {b['codes_4bit'] / mib:.2f}, "
+        f"scales {b['scales'] / mib:.2f}, low-rank+smooth {b['low_rank_and_smooth'] / mib:.2f}, "
+        f"16-bit rest {b['other'] / mib:.2f}"
+    )
+    rows = _layer_rows(summary)
+    errs = [r["err_svdq"] for r in rows if r["err_svdq"] is not None]
+    if errs:
+        print(
+            f"calibration  relative output error: mean {sum(errs) / len(errs):.4f}, "
+            f"max {max(errs):.4f} over {len(errs)} layers"
+        )
+    print(f"checksums    {'verified' if summary['verified'] else 'not checked (--no-verify)'}")
+    if args.layers:
+        columns = [
+            ("name", "layer", None), ("kind", "kind", None), ("in_features", "K", None),
+            ("out_features", "N", None), ("rank", "r", None), ("err_rtn", "err RTN", ".4f"),
+            ("err_smooth", "err smooth", ".4f"), ("err_svdq", "err SVDQ", ".4f"),
+        ]  # fmt: skip
+        print()
+        print(format_table(rows, columns))
+    return 0

@@ -1,0 +1,112 @@
+"""GPTQ (Frantar et al. 2022) on the 4-bit residual, emitting the canonical formats.
+
+GPTQ quantizes a weight one input column at a time and spreads each column's rounding error
+over the columns not yet quantized, weighted by the inverse Hessian ``H = X^T X`` of the layer's
+(smoothed) calibration inputs, so that ``||X (R - R_q)^T||`` rather than ``||R - R_q||`` is
+minimized.
+
+Here the group scales are fixed up front to exactly those of round-to-nearest
+(:func:`dcgen_quant.formats.quantize_weight` on the residual, "static groups"): GPTQ only changes
+which code each element gets. The result is therefore a valid canonical :class:`QuantizedWeight`
+(INT4 codes -8..7 with 16-bit scales, or E2M1 codes with the same E4M3 block scales and FP32
+tensor scale) that every backend reads without change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import QuantizedWeight, get_format, quantize_weight
+from ..formats.int4 import pack_int4
+from ..formats.nvfp4 import e2m1_decode, e2m1_encode, pack_nvfp4
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """``H = 2 X^T X / T`` of calibration inputs ``x`` [T, K] -> [K, K] float64."""
+    xd = x.double()
+    return (2.0 / max(xd.shape[0], 1)) * (xd.t() @ xd)
+
+
+def _divisors(qw: QuantizedWeight) -> torch.Tensor:
+    """Per-element divisor [N, K/G] float32 that maps a weight value to its code domain."""
+    scales = qw.wscales.t().float()
+    if qw.wtscale is not None:
+        scales = scales * qw.wtscale.float()
+    return scales
+
+
+def _round_column(col: torch.Tensor, div: torch.Tensor, fmt: str):
+    """Codes and dequantized values of one column ``col`` [N] for divisors ``div`` [N].
+
+    Same rounding as the formats (INT4: round half even, clamp to [-8, 7], zero scale -> 0;
+    NVFP4: E2M1 round to nearest even with saturation, zero divisor -> signed zero).
+    """
+    if fmt == "int4":
+        safe = torch.where(div == 0, torch.ones_like(div), div)
+        codes = torch.round(col / safe).clamp_(-8, 7)
+        return codes.to(torch.int8), codes * div
+    safe = torch.where(div > 0, div, torch.ones_like(div))
+    scaled = torch.where(div > 0, col / safe, col * 0)
+    codes = e2m1_encode(scaled)
+    return codes, e2m1_decode(codes) * div
+
+
+def gptq_quantize(
+    residual: torch.Tensor,
+    h: torch.Tensor,
+    fmt: str,
+    dtype: torch.dtype,
+    damp: float = 0.01,
+    block: int = 128,
+) -> QuantizedWeight:
+    """GPTQ of ``residual`` [N, K] against Hessian ``h`` [K, K] into the canonical format.
+
+    Parameters
+    ----------
+    residual : Tensor [N, K], float32
+    h : Tensor [K, K], float64 (:func:`hessian` of the smoothed calibration inputs)
+    fmt : "int4" | "nvfp4"
+    dtype : INT4 scale dtype (the layer's 16-bit dtype)
+    damp : float; ``damp * mean(diag(H))`` is added to the diagonal (reference 0.01)
+    block : int; columns per lazy-update block (reference 128)
+
+    Returns
+    -------
+    QuantizedWeight with qweight [N, K/2] uint8 and the round-to-nearest scales of ``residual``.
+    """
+    spec = get_format(fmt)
+    n, k = residual.shape
+    if tuple(h.shape) != (k, k):
+        raise ValueError(f"hessian must be [K, K]=[{k}, {k}], got {tuple(h.shape)}")
+    if damp <= 0 or block < 1:
+        raise ValueError(f"damp must be > 0 and block >= 1, got damp={damp}, block={block}")
+    rtn = quantize_weight(residual, fmt, dtype)
+    div_groups = _divisors(rtn)  # [N, K/G]
+
+    h = h.double().clone()
+    dead = torch.diag(h) == 0  # channels never active in calibration: nothing to compensate
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diag(h).mean()))
+    # Upper Cholesky factor of H^-1: row i holds the error-propagation weights of column i.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = hinv.float()
+
+    w = residual.float().clone()
+    code_dtype = torch.int8 if spec.name == "int4" else torch.uint8
+    codes = torch.empty(n, k, dtype=code_dtype)
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        wb = w[:, start:end].clone()
+        errs = torch.empty_like(wb)
+        hb = hinv[start:end, start:end]
+        for j in range(end - start):
+            col = start + j
+            div = div_groups[:, col // spec.group_size]
+            c, deq = _round_column(wb[:, j], div, spec.name)
+            codes[:, col] = c
+            err = (wb[:, j] - deq) / hb[j, j]
+            wb[:, j:] -= err.unsqueeze(1) * hb[j, j:].unsqueeze(0)
+            errs[:, j] = err
+        w[:, end:] -= errs @ hinv[start:end, end:]
+    packed = pack_int4(codes) if spec.name == "int4" else pack_nvfp4(codes)
+    return QuantizedWeight(packed, rtn.wscales, rtn.wtscale, fmt)

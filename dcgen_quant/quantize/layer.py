@@ -1,0 +1,415 @@
+"""Quantize linears (and 1x1 convs) into the runtime modules of dcgen_quant/nn.py.
+
+* :func:`quantize_linear`: one ``nn.Linear`` / 1x1 ``nn.Conv2d`` and its calibration inputs ->
+  ``SVDQLinear`` / ``SVDQConv1x1`` (or the W4A16 classes with ``weight_only=True``);
+* :func:`quantize_linears`: linears that read the same input (q/k/v, ...) as one fused group:
+  one smoothing vector, one ``proj_down``, and per member its slice of ``proj_up`` and its own
+  4-bit residual.
+
+Both fill a :class:`~dcgen_quant.quantize.report.LayerReport` per layer (relative output error of
+naive W4A4, smoothing only and full SVDQuant, chosen alpha/beta, seconds).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..formats import QuantizedWeight, dequantize_weight, get_format, quantize_weight
+from ..nn import SVDQConv1x1, SVDQLinear, W4A16Conv1x1, W4A16Linear
+from .config import QuantConfig
+from .gptq import gptq_quantize, hessian
+from .report import LayerReport, QuantReport
+from .search import GroupProblem, SearchResult, search
+
+QUANTIZED_TYPES = (SVDQLinear, W4A16Linear)
+
+
+@dataclass
+class LinearSpec:
+    """A linear map ``y = x W^T + b`` taken from an ``nn.Linear`` or a 1x1 ``nn.Conv2d``."""
+
+    name: str
+    module: nn.Module
+    weight: torch.Tensor  # [N, K] float32
+    bias: torch.Tensor | None  # [N] float32
+    conv: bool
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """None if ``module`` is a linear map this quantizer handles, else why not."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.Conv2d):
+        if module.kernel_size != (1, 1):
+            return f"{module.kernel_size[0]}x{module.kernel_size[1]} convolution (not 1x1)"
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups})"
+        if module.stride != (1, 1) or module.padding not in ((0, 0), "valid"):
+            return "1x1 convolution with stride or padding"
+        return None
+    return f"{type(module).__name__} is not a linear layer"
+
+
+def linear_spec(module: nn.Module, name: str) -> LinearSpec:
+    """Read ``module``'s weight as [N, K] float32; raises ValueError if unsupported."""
+    if reason := unsupported_reason(module):
+        raise ValueError(f"layer {name}: cannot quantize: {reason}")
+    weight = module.weight.detach()
+    conv = isinstance(module, nn.Conv2d)
+    if conv:
+        weight = weight.reshape(weight.shape[0], weight.shape[1])
+    bias = module.bias.detach().float() if module.bias is not None else None
+    return LinearSpec(name, module, weight.float(), bias, conv)
+
+
+def check_group_size(spec: LinearSpec, fmt: str) -> str | None:
+    """None if K fits the format's groups, else the reason (used to skip or to raise)."""
+    group = get_format(fmt).group_size
+    if spec.in_features % group:
+        return f"in_features={spec.in_features} is not a multiple of the {fmt} group size {group}"
+    return None
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{what}: found {bad} NaN/Inf value(s); quantization needs finite input")
+
+
+def tokens_of(x: torch.Tensor, in_features: int, conv: bool, name: str) -> torch.Tensor:
+    """Calibration inputs as tokens: [..., K] (or NCHW [B, K, H, W] for a conv) -> [T, K]."""
+    if conv and x.dim() == 4 and x.shape[1] == in_features:
+        x = x.permute(0, 2, 3, 1)
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"layer {name}: calibration inputs have shape {tuple(x.shape)}, expected [..., "
+            f"{in_features}]" + (f" or [B, {in_features}, H, W]" if conv else "")
+        )
+    return x.detach().reshape(-1, in_features)
+
+
+def subsample(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniformly choose ``n`` of the rows of ``x`` [T, K] (all of them if T <= n)."""
+    if x.shape[0] <= n:
+        return x
+    keep = torch.randperm(x.shape[0], generator=generator, device=generator.device)[:n]
+    keep = keep.sort().values.to(x.device)
+    return x[keep]
+
+
+def seed_for(seed: int, name: str) -> int:
+    """A per-layer seed that depends only on the run's seed and the layer's name (resumable)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+# --------------------------------------------------------------------------------------------
+# building modules
+
+
+def make_module(
+    kind: str,
+    conv: bool,
+    in_features: int,
+    out_features: int,
+    rank: int,
+    bias: bool,
+    fmt: str,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """An empty runtime module of the class for (kind, conv) (checkpoint loading, resume)."""
+    kw = {"fmt": fmt, "bias": bias, "dtype": dtype, "device": device}
+    if kind == "w4a4":
+        cls = SVDQConv1x1 if conv else SVDQLinear
+        return cls(in_features, out_features, rank=rank, **kw)
+    if kind == "w4a16":
+        cls = W4A16Conv1x1 if conv else W4A16Linear
+        return cls(in_features, out_features, **kw)
+    raise ValueError(f"kind must be 'w4a4' or 'w4a16', got {kind!r}")
+
+
+def _fill_weight(module, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
+    module.qweight.copy_(qw.qweight)
+    module.wscales.copy_(qw.wscales)
+    if qw.wtscale is not None:
+        module.wtscale.copy_(qw.wtscale)
+    if bias is not None:
+        module.bias.copy_(bias)
+
+
+def _build_w4a4(spec, qw, smooth, proj_down, proj_up, config) -> nn.Module:
+    rank = 0 if proj_down is None else proj_down.shape[1]
+    module = make_module(
+        "w4a4", spec.conv, spec.in_features, spec.out_features, rank, spec.bias is not None,
+        config.format, config.dtype, spec.weight.device,
+    )  # fmt: skip
+    _fill_weight(module, qw, spec.bias)
+    module.smooth_factor.copy_(smooth)
+    if rank:
+        module.proj_down.copy_(proj_down)
+        module.proj_up.copy_(proj_up)
+    return module
+
+
+def _linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The module's forward on tokens [T, K], also for the conv classes (same buffers)."""
+    base = SVDQLinear if isinstance(module, SVDQLinear) else W4A16Linear
+    return base.forward(module, x)
+
+
+def relative_error(module: nn.Module, spec: LinearSpec, x: torch.Tensor) -> float:
+    """``||module(x) - (x W^T + b)|| / ||x W^T + b||`` on tokens x [T, K] (float32 reference)."""
+    with torch.no_grad():
+        y = x @ spec.weight.t()
+        if spec.bias is not None:
+            y = y + spec.bias
+        yq = _linear_forward(module, x).float()
+    denom = float(y.norm())
+    num = float((yq - y).norm())
+    return num / denom if denom > 0 else (0.0 if num == 0 else float("inf"))
+
+
+# --------------------------------------------------------------------------------------------
+# the group quantizer
+
+
+def _quantize_residuals(problem, result: SearchResult, splits, config, use_gptq: bool):
+    """Per-member QuantizedWeight of the residual (GPTQ if it lowers the output error)."""
+    parts = result.residual.split(splits, dim=0)
+    rtn = [quantize_weight(p, config.format, config.dtype) for p in parts]
+    if not use_gptq:
+        return rtn, False
+    h = hessian(problem.x / result.smooth)
+    gptq = [
+        gptq_quantize(p, h, config.format, config.dtype, config.gptq_damp, config.gptq_block)
+        for p in parts
+    ]
+
+    def objective(qws):
+        rq = torch.cat([dequantize_weight(q) for q in qws], dim=0)
+        return problem.objective(result.smooth, result.proj_down, result.proj_up, rq)
+
+    # GPTQ minimizes the error against unquantized activations; with 4-bit activations it can
+    # (rarely) lose to round-to-nearest, so keep whichever is better on the calibration set.
+    if objective(gptq) <= objective(rtn):
+        return gptq, True
+    return rtn, False
+
+
+def _w4a4_modules(problem, result, specs, splits, config, use_gptq):
+    qws, used_gptq = _quantize_residuals(problem, result, splits, config, use_gptq)
+    ups = result.proj_up.split(splits, dim=0) if result.proj_up is not None else [None] * len(qws)
+    modules = [
+        _build_w4a4(spec, qw, result.smooth, result.proj_down, up, config)
+        for spec, qw, up in zip(specs, qws, ups)
+    ]
+    return modules, used_gptq
+
+
+def quantize_group(
+    specs: Sequence[LinearSpec],
+    x: torch.Tensor,
+    config: QuantConfig,
+    *,
+    baselines: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[tuple[nn.Module, LayerReport]]:
+    """SVDQuant of linears sharing the input ``x`` [T, K] (float32 tokens, already subsampled).
+
+    Returns one (runtime module, report) per member, in order. ``baselines=False`` skips the
+    naive and smoothing-only reference errors (their fields stay None).
+    """
+    start = time.perf_counter()
+    k = specs[0].in_features
+    label = (
+        f"layer {specs[0].name}" if len(specs) == 1 else "group " + "+".join(s.name for s in specs)
+    )
+    for spec in specs:
+        if spec.in_features != k:
+            raise ValueError(f"{label}: members have different in_features")
+        if reason := check_group_size(spec, config.format):
+            raise ValueError(f"layer {spec.name}: {reason}")
+        check_finite(spec.weight, f"layer {spec.name}: weight")
+        if spec.bias is not None:
+            check_finite(spec.bias, f"layer {spec.name}: bias")
+    x = x.detach().float()
+    check_finite(x, f"{label}: calibration inputs")
+    if generator is None:
+        generator = torch.Generator(x.device).manual_seed(seed_for(config.seed, specs[0].name))
+    splits = [s.out_features for s in specs]
+    weight = torch.cat([s.weight for s in specs], dim=0)
+    problem = GroupProblem(weight, splits, x, config.format, config.dtype)
+    rank = min(config.rank, weight.shape[0], k)
+    ranking = problem.subset(config.search_tokens, generator)
+    result = search(
+        problem, rank, config.smooth, config.smooth_grid, config.lowrank_iters, config.svd,
+        generator, ranking,
+    )  # fmt: skip
+    modules, used_gptq = _w4a4_modules(problem, result, specs, splits, config, config.gptq)
+
+    naive = smooth_only = [None] * len(specs)
+    if baselines:
+        base = search(problem, 0, False, 1, 0, config.svd, generator)
+        naive_modules, _ = _w4a4_modules(problem, base, specs, splits, config, False)
+        naive = [relative_error(m, s, x) for m, s in zip(naive_modules, specs)]
+        sm = search(
+            problem, 0, config.smooth, config.smooth_grid, 0, config.svd, generator, ranking
+        )
+        sm_modules, _ = _w4a4_modules(problem, sm, specs, splits, config, False)
+        smooth_only = [relative_error(m, s, x) for m, s in zip(sm_modules, specs)]
+    seconds = (time.perf_counter() - start) / len(specs)
+    group = [s.name for s in specs] if len(specs) > 1 else None
+    out = []
+    for spec, module, e_naive, e_smooth in zip(specs, modules, naive, smooth_only):
+        report = LayerReport(
+            name=spec.name, kind="w4a4", module=type(module).__name__,
+            out_features=spec.out_features, in_features=k, bias=spec.bias is not None,
+            rank=rank, group=group, alpha=result.alpha, beta=result.beta,
+            lowrank_iters=result.svd_count, gptq=used_gptq, err_rtn=e_naive,
+            err_smooth=e_smooth, err_svdq=relative_error(module, spec, x),
+            calib_tokens=x.shape[0], seconds=seconds,
+        )  # fmt: skip
+        out.append((module, report))
+    return out
+
+
+def quantize_weight_only(
+    spec: LinearSpec, x: torch.Tensor, config: QuantConfig
+) -> tuple[nn.Module, LayerReport]:
+    """4-bit weight, 16-bit activations (``W4A16Linear`` / ``W4A16Conv1x1``) for ``spec``.
+
+    ``x`` [T, K] float32 serves the error report and, with ``config.gptq``, the Hessian.
+    """
+    start = time.perf_counter()
+    if reason := check_group_size(spec, config.format):
+        raise ValueError(f"layer {spec.name}: {reason}")
+    check_finite(spec.weight, f"layer {spec.name}: weight")
+    x = x.detach().float()
+    check_finite(x, f"layer {spec.name}: calibration inputs")
+    bias = spec.bias is not None
+
+    def build(qw):
+        module = make_module(
+            "w4a16", spec.conv, spec.in_features, spec.out_features, 0, bias, config.format,
+            config.dtype, spec.weight.device,
+        )  # fmt: skip
+        _fill_weight(module, qw, spec.bias)
+        return module
+
+    rtn = build(quantize_weight(spec.weight, config.format, config.dtype))
+    err_rtn = relative_error(rtn, spec, x)
+    module, err, used_gptq = rtn, err_rtn, False
+    if config.gptq:
+        h = hessian(x.to(config.dtype).float())
+        cand = build(
+            gptq_quantize(
+                spec.weight, h, config.format, config.dtype, config.gptq_damp, config.gptq_block
+            )
+        )
+        err_gptq = relative_error(cand, spec, x)
+        if err_gptq <= err_rtn:
+            module, err, used_gptq = cand, err_gptq, True
+    report = LayerReport(
+        name=spec.name, kind="w4a16", module=type(module).__name__,
+        out_features=spec.out_features, in_features=spec.in_features, bias=bias, gptq=used_gptq,
+        err_rtn=err_rtn, err_svdq=err, calib_tokens=x.shape[0],
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    return module, report
+
+
+# --------------------------------------------------------------------------------------------
+# public entry points
+
+
+def _prepare(modules, names, x, config):
+    config = config or QuantConfig()
+    if names is None:
+        names = ["linear"] if len(modules) == 1 else [f"linear{i}" for i in range(len(modules))]
+    if len(names) != len(modules):
+        raise ValueError(f"names has {len(names)} entries for {len(modules)} linears")
+    specs = [linear_spec(m, n) for m, n in zip(modules, names)]
+    with torch.no_grad():
+        tokens = tokens_of(x, specs[0].in_features, specs[0].conv, names[0]).float()
+    generator = torch.Generator(tokens.device).manual_seed(seed_for(config.seed, names[0]))
+    return config, specs, subsample(tokens, config.calib_tokens, generator)
+
+
+def quantize_linear(
+    linear: nn.Module,
+    x: torch.Tensor,
+    config: QuantConfig | None = None,
+    *,
+    name: str = "linear",
+    report: QuantReport | None = None,
+    weight_only: bool = False,
+    baselines: bool = True,
+) -> nn.Module:
+    """SVDQuant one ``nn.Linear`` (or 1x1 ``nn.Conv2d``) with calibration inputs ``x``.
+
+    Parameters
+    ----------
+    linear : nn.Linear [N, K] or nn.Conv2d 1x1 (K -> N channels), any float dtype
+    x : Tensor [..., K] (or [B, K, H, W] for a conv); calibration inputs, subsampled to
+        ``config.calib_tokens`` tokens with the config's seed
+    config : QuantConfig (default: ``QuantConfig()``)
+    name : the layer's name in errors and the report
+    report : if given, the layer's :class:`LayerReport` is appended to it
+    weight_only : W4A16 (4-bit weights, 16-bit activations) instead of W4A4
+    baselines : also measure naive W4A4 and smoothing-only errors for the report (about doubles
+        the time of a W4A4 layer); False leaves those fields None
+
+    Returns
+    -------
+    SVDQLinear (SVDQConv1x1 for a conv), or W4A16Linear / W4A16Conv1x1 with ``weight_only``;
+    its forward approximates ``linear``'s. Raises ValueError naming the layer when K is not a
+    multiple of the format's group size or the weight / inputs hold NaN or Inf.
+    """
+    config, specs, tokens = _prepare([linear], [name], x, config)
+    if weight_only:
+        module, entry = quantize_weight_only(specs[0], tokens, config)
+    else:
+        ((module, entry),) = quantize_group(specs, tokens, config, baselines=baselines)
+    if report is not None:
+        report.add(entry)
+    return module
+
+
+def quantize_linears(
+    linears: Sequence[nn.Module],
+    x: torch.Tensor,
+    config: QuantConfig | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    report: QuantReport | None = None,
+    baselines: bool = True,
+) -> list[nn.Module]:
+    """SVDQuant linears that read the same input ``x`` as one fused group.
+
+    They share ``smooth_factor`` and ``proj_down`` (smoothing and SVD of the stacked weight);
+    each gets its rows of ``proj_up`` and its own 4-bit residual. Parameters as
+    :func:`quantize_linear` (``x`` is the members' common input); ``names`` default to
+    ``linear0, linear1, ...``.
+    """
+    if not linears:
+        raise ValueError("linears must not be empty")
+    config, specs, tokens = _prepare(list(linears), names, x, config)
+    results = quantize_group(specs, tokens, config, baselines=baselines)
+    if report is not None:
+        for _, entry in results:
+            report.add(entry)
+    return [module for module, _ in results]

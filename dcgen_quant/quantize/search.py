@@ -1,0 +1,182 @@
+"""The SVDQuant search for one fused group of linears that read the same input.
+
+Given the concatenated weight ``W`` [N, K] of the group and calibration inputs ``X`` [T, K]:
+
+1. for every (alpha, beta) candidate (smoothing.py): ``lambda``, ``W_hat = W diag(lambda)``,
+   the rank-r branch from one SVD of ``W_hat``, the residual ``R = W_hat - L`` quantized per
+   member, and the group's output error on a uniform subset of ``X``
+   (``QuantConfig.search_tokens``; ``lambda`` itself always uses the statistics of all of X);
+2. for the best candidate, iterative refinement of the branch on all of ``X``:
+   ``L <- SVD_r(W_hat - Q(W_hat - L))`` while the output error keeps falling (at most
+   ``lowrank_iters`` steps).
+
+The error simulated here is the runtime's: activations rounded to the layer dtype, divided by the
+dtype-rounded ``lambda`` and quantized per token and group; factors rounded to the dtype (the
+residual is taken against the rounded factors, so it compensates their rounding). The objective
+of a group is ``sum_i ||E_i||^2 / ||Y_i||^2`` over its members, so that a member with small
+outputs counts as much as a large one.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .fakequant import fake_quant_act, fake_quant_weight
+from .lowrank import lowrank_factors, lowrank_weight
+from .smoothing import alpha_beta_candidates, channel_absmax, smooth_factor
+
+
+@functools.cache
+def _bf16_is_fast(device_type: str) -> bool:
+    if device_type == "cuda":
+        return True
+    if device_type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def search_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b^T`` for the search objective: [T, K] x [N, K] -> [T, N] float32 (a new tensor).
+
+    In bf16 (float32 accumulation) where that is fast (CUDA, CPUs with AVX512-BF16 / AMX): 2-5x
+    quicker than float32 here. Its rounding (~0.2% of the output, independent per element) is
+    two orders of magnitude below the 4-bit error being ranked, so it changes the objective by
+    ~0.01%; the errors in the report are computed exactly, through the runtime modules.
+    """
+    if _bf16_is_fast(a.device.type):
+        return (a.to(torch.bfloat16) @ b.to(torch.bfloat16).t()).float()
+    return a @ b.t()
+
+
+@dataclass
+class SearchResult:
+    """The chosen decomposition of a group's weight (all float32, dtype-representable)."""
+
+    alpha: float
+    beta: float
+    smooth: torch.Tensor  # [K]
+    proj_down: torch.Tensor | None  # [K, r], None for rank 0
+    proj_up: torch.Tensor | None  # [N, r] (all members stacked)
+    residual: torch.Tensor  # [N, K], smoothed space, what gets quantized
+    objective: float
+    svd_count: int
+
+
+class GroupProblem:
+    """A group's weight, calibration inputs and the simulated output error.
+
+    Parameters
+    ----------
+    weight : Tensor [N, K], float32; the members' weights stacked along N
+    splits : list[int]; N of each member (sums to N)
+    x : Tensor [T, K], float32; calibration inputs
+    fmt, dtype : the 4-bit format and the layer's 16-bit dtype
+    """
+
+    def __init__(self, weight, splits, x, fmt: str, dtype: torch.dtype, x_absmax=None):
+        self.weight = weight
+        self.splits = list(splits)
+        self.fmt, self.dtype = fmt, dtype
+        self.x = x.to(dtype).float()  # what the runtime sees after its cast to the layer dtype
+        self.y = x @ weight.t()  # reference output (no bias: the bias is added exactly)
+        self.y_norm2 = [
+            max(float(y.square().sum()), 1e-30) for y in self.y.split(self.splits, dim=1)
+        ]
+        self.x_absmax = channel_absmax(self.x) if x_absmax is None else x_absmax
+        self.w_absmax = weight.abs().amax(dim=0)
+        self._x_source = x
+
+    def subset(self, n: int, generator: torch.Generator) -> GroupProblem:
+        """The same problem on ``n`` uniformly chosen tokens (itself if it has no more).
+
+        The smoothing statistics stay those of all tokens, so every candidate's ``lambda`` is
+        the one the full problem would use.
+        """
+        t = self.x.shape[0]
+        if t <= n:
+            return self
+        keep = torch.randperm(t, generator=generator, device=generator.device)[:n]
+        keep = keep.sort().values.to(self.x.device)
+        return GroupProblem(
+            self.weight, self.splits, self._x_source[keep], self.fmt, self.dtype, self.x_absmax
+        )
+
+    def quantize_residual(self, residual: torch.Tensor) -> torch.Tensor:
+        """Each member's residual [N_i, K] 4-bit fake-quantized on its own, stacked: [N, K]."""
+        parts = residual.split(self.splits, dim=0)
+        return torch.cat([fake_quant_weight(p, self.fmt, self.dtype) for p in parts], dim=0)
+
+    def objective(self, smooth, proj_down, proj_up, residual_q) -> float:
+        """``sum_i ||E_i||^2 / ||Y_i||^2`` of the simulated runtime output."""
+        a = fake_quant_act(self.x / smooth, self.fmt, self.dtype)
+        b = residual_q
+        if proj_down is not None:
+            # one matmul for both paths: [Q(x/lambda), x @ proj_down] @ [Q(R), proj_up]^T
+            a = torch.cat([a, self.x @ proj_down], dim=1)
+            b = torch.cat([b, proj_up], dim=1)
+        err = search_matmul(a, b).sub_(self.y)
+        if len(self.splits) == 1:
+            return float(torch.linalg.vector_norm(err)) ** 2 / self.y_norm2[0]
+        col2 = err.square_().sum(dim=0)  # [N]; row-major friendly, unlike strided column views
+        return sum(float(c.sum()) / n2 for c, n2 in zip(col2.split(self.splits), self.y_norm2))
+
+
+def search(
+    problem: GroupProblem,
+    rank: int,
+    smooth: bool,
+    grid: int,
+    lowrank_iters: int,
+    svd: str,
+    generator: torch.Generator,
+    ranking: GroupProblem | None = None,
+) -> SearchResult:
+    """Grid search over (alpha, beta) with the rank-``rank`` branch in place, then refinement.
+
+    ``rank=0`` searches smoothing alone; ``smooth=False`` tries only (0, 0). The candidates are
+    ranked on ``ranking`` (a token subset of ``problem``, default ``problem`` itself); the
+    refinement runs on ``problem``. The generator drives the randomized SVD (one seeded sketch
+    per SVD, drawn in a fixed order: reproducible).
+    """
+    w = problem.weight
+    ranking = ranking or problem
+    best: SearchResult | None = None
+    candidates = alpha_beta_candidates(grid, smooth)
+    for alpha, beta in candidates:
+        lam = smooth_factor(problem.x_absmax, problem.w_absmax, alpha, beta, problem.dtype)
+        w_hat = w * lam
+        pd = pu = None
+        residual = w_hat
+        if rank > 0:
+            pd, pu = lowrank_factors(w_hat, lam, rank, problem.dtype, svd, generator)
+            residual = w_hat - lowrank_weight(pd, pu, lam)
+        if len(candidates) == 1 and rank == 0:
+            obj = float("nan")  # nothing to rank, and no refinement follows
+        else:
+            obj = ranking.objective(lam, pd, pu, problem.quantize_residual(residual))
+        if best is None or obj < best.objective:
+            best = SearchResult(alpha, beta, lam, pd, pu, residual, obj, 1 if rank else 0)
+    assert best is not None
+    if rank == 0:
+        return best
+
+    # Iterative refinement: the branch should capture what the 4-bit residual cannot.
+    lam = best.smooth
+    w_hat = w * lam
+    residual_q = problem.quantize_residual(best.residual)
+    if ranking is not problem:
+        best.objective = problem.objective(lam, best.proj_down, best.proj_up, residual_q)
+    for _ in range(lowrank_iters):
+        pd, pu = lowrank_factors(w_hat - residual_q, lam, rank, problem.dtype, svd, generator)
+        residual = w_hat - lowrank_weight(pd, pu, lam)
+        candidate_q = problem.quantize_residual(residual)
+        obj = problem.objective(lam, pd, pu, candidate_q)
+        best.svd_count += 1
+        if obj >= best.objective:
+            break
+        best.proj_down, best.proj_up, best.residual, best.objective = pd, pu, residual, obj
+        residual_q = candidate_q
+    return best
