@@ -1,7 +1,8 @@
-"""Acceptance: ``python -m dcgen_quant adapt --demo`` on tiny FLUX, real scikit-image photos.
+"""Acceptance: ``python -m dcgen_quant adapt --demo`` on tiny FLUX and SANA, real photographs.
 
-One demo run (tiny models built in code, autoencoders pre-trained for a few seconds, a small
-AutoencoderKL base and a 4x more compressed AutoencoderDC target), then its report is checked:
+One demo run per family (tiny models built in code, autoencoders pre-trained for a few seconds;
+FLUX: a small AutoencoderKL base and a 4x more compressed AutoencoderDC target), then its report
+is checked:
 
 - stage 1 lowers the per-block feature MSE against the base by at least 5x at every block;
 - stage 2 lowers the held-out flow-matching loss, stage 3 the guidance-distilled held-out loss
