@@ -89,11 +89,23 @@ def _model_description(model: nn.Module) -> dict[str, Any]:
             f"{type(model).__name__} has no diffusers config; save_quantized needs a diffusers "
             "model (ModelMixin + ConfigMixin) so that load_quantized can rebuild it"
         )
+    # Private keys (_name_or_path is a local path, _use_default_values bookkeeping) are not part
+    # of the architecture; the diffusers version is kept for reference.
+    kept = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    kept["_diffusers_version"] = dict(config).get("_diffusers_version")
     return {
         "library": type(model).__module__.split(".")[0],
         "class": type(model).__name__,
-        "config": json.loads(json.dumps(dict(config), default=list)),
+        "config": json.loads(json.dumps(kept, default=_jsonable)),
     }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, torch.dtype):
+        return _dtype_name(value)
+    return str(value)
 
 
 def _build_metadata(model, config, report, checksums) -> dict[str, str]:
@@ -361,7 +373,7 @@ def _check_model_matches(model: nn.Module, description: dict[str, Any]) -> None:
             f"checkpoint is for {description.get('class')}, "
             f"the given model is {type(model).__name__}"
         )
-    mine = json.loads(json.dumps(dict(getattr(model, "config", {})), default=list))
+    mine = json.loads(json.dumps(dict(getattr(model, "config", {})), default=_jsonable))
     for key, value in description.get("config", {}).items():
         if not key.startswith("_") and key in mine and mine[key] != value:
             raise CheckpointError(
