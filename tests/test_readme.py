@@ -22,3 +22,10 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
         assert "torch==2.13.0" in cmd  # a bare `torch` pulls a multi-GB CUDA build on CPU machines
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert install_and_test in ci_lines
+
+
+def test_public_api_names_resolve():
+    import dcgen_quant
+
+    for name in dcgen_quant.__all__:
+        assert getattr(dcgen_quant, name) is not None, name
