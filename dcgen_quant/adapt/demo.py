@@ -319,7 +319,11 @@ def build_inputs(root: str | Path, cfg: DemoConfig, progress: bool = True) -> di
             base = tiny_sana(seed=cfg.seed)
         captions = [it.caption for it in items]
         if cfg.family == "flux":
-            pipe = tiny_flux_pipeline(base, base_ae, sorted(set(captions)) + [""], cfg.seed)
+            # the tokenizers' vocabulary covers every caption, held-out ones included (a real
+            # tokenizer knows words the training captions lack; built from the training captions
+            # alone, held-out captions would become unknown-character pieces)
+            vocab = sorted(set(captions) | set(HELDOUT_IMAGES.values())) + [""]
+            pipe = tiny_flux_pipeline(base, base_ae, vocab, cfg.seed)
             from .data import PipelineText
 
             encoder = PipelineText(pipe, cfg.text_length, "demo")

@@ -45,13 +45,16 @@ def test_demo_acceptance(tmp_path, capsys):
     assert flow["stage2"]["flow"] < 0.5 * flow["stage1"]["flow"]
     assert flow["stage2"]["guided"] < flow["stage1"]["guided"]
     assert flow["stage3"]["guided"] < flow["stage2"]["guided"]
-    # not asserted: stage 3's loss at w = 1 alone, which it trains on only near w = 1 of
-    # U[1, 14]; measured lower in some runs and higher in others (docs/ADAPT.md)
+    # not asserted: stage 3's loss at w = 1 alone, which its w ~ U[1, 14] objective weighs
+    # little while stage 2 trained w = 1 only; lower in the default run, higher with seeds 1
+    # and 2, on training images too (docs/ADAPT.md)
 
     # without stage 1, LoRA fine-tuning leaves the model further from the base at every block
+    # and with a higher held-out loss than the aligned chain
     for r in rows:
         assert r["lora-only"] > r["stage3"], r
         assert r["lora-only"] > 2 * r["stage1"], r
+    assert flow["lora-only"]["guided"] > flow["stage3"]["guided"]
 
     # the output is a plain diffusers FLUX transformer that loads and runs
     model = FluxTransformer2DModel.from_pretrained(out / "aligned" / "model", local_files_only=True)
@@ -89,7 +92,9 @@ def test_sana_demo(tmp_path, capsys):
     assert all(r["guided"] is None for r in flow.values())  # SANA has no guidance embedding
     assert flow["stage2"]["flow"] < 0.5 * flow["stage1"]["flow"]
     assert flow["stage3"]["flow"] < flow["stage2"]["flow"]
-    for r in rows:  # LoRA without stage 1 stays far from the aligned embedder's features
+    for r in rows:  # without stage 1: further from the base at every block, higher loss
         assert r["lora-only"] > 2 * r["stage1"], r
+        assert r["lora-only"] > r["stage3"], r
+    assert flow["lora-only"]["flow"] > flow["stage3"]["flow"]
     model = SanaTransformer2DModel.from_pretrained(out / "aligned" / "model", local_files_only=True)
     assert model.config.in_channels == 128 and model.config.patch_size == 1
