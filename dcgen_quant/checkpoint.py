@@ -193,9 +193,12 @@ def save_quantized(
             "no quantization config: pass config= or quantize the model with quantize_model"
         )
     report = report if report is not None else getattr(model, "dcgen_quant_report", None)
-    tensors = _tensors_for_saving(model)
-    checksums = {k: _crc32(t) for k, t in tensors.items()}
-    metadata = _build_metadata(model, config, report, checksums)
+    from .fusion import unfused
+
+    with unfused(model):  # checkpoints hold the member projections, never the fused ones
+        tensors = _tensors_for_saving(model)
+        checksums = {k: _crc32(t) for k, t in tensors.items()}
+        metadata = _build_metadata(model, config, report, checksums)
     path = Path(path)
     shards = _shards(tensors, max_shard_bytes)
     if path.suffix == ".safetensors" and len(shards) == 1:
@@ -409,6 +412,7 @@ def load_quantized(
     device: str | torch.device = "cpu",
     layout: str = "auto",
     verify: bool = True,
+    fuse: bool = False,
 ) -> nn.Module:
     """Load a 4-bit checkpoint into a model with SVDQLinear / W4A16Linear layers.
 
@@ -421,6 +425,8 @@ def load_quantized(
     layout : nibble layout of ``qweight`` in memory: ``"auto"`` (the preferred layout of the
         backend that will run on ``device``), ``"canonical"`` or a registered layout name
     verify : check every tensor against its CRC-32
+    fuse : run each FLUX attention's q/k/v (and added q/k/v) projections as one layer
+        (:func:`dcgen_quant.fusion.fuse_projections`); the outputs do not change
 
     Returns
     -------
@@ -458,13 +464,20 @@ def load_quantized(
     for key, t in reader.tensors():
         want = expected.get(key, (tuple(reference[key].shape), t.dtype))
         _validate_tensor(key, t, want, meta["checksums"], verify)
-        state[key] = t
+        # safetensors hands out tensors 16 bytes off the 64-byte alignment of torch's own
+        # allocations; MKL / oneDNN take other code paths for them and round differently, so a
+        # loaded model would not reproduce the saved one's outputs bit for bit. A copy is aligned.
+        state[key] = t.clone() if t.data_ptr() % 64 else t
     model.load_state_dict(state, strict=True, assign=True)
     if on_meta := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
         raise CheckpointError(f"tensor {on_meta[0]!r} was not loaded (still on the meta device)")
     model.to(device)
     if layout != "canonical":
         _set_layouts(model, layout, torch.device(device))
+    if fuse:
+        from .fusion import fuse_projections
+
+        fuse_projections(model)
     from .quantize.config import QuantConfig
 
     model.dcgen_quant_config = QuantConfig.from_dict(meta["quantization_config"])

@@ -14,6 +14,8 @@ their own dtypes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -167,6 +169,82 @@ class SVDQLinear(_QuantizedWeightMixin):
             self.wtscale, self.fmt, self.dtype, self.layout,
         )  # fmt: skip
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    @classmethod
+    def concat(cls, layers: Sequence[SVDQLinear]) -> SVDQLinear:
+        """One layer whose output is the outputs of ``layers`` side by side, [..., sum(N_i)].
+
+        The layers must read the same input the same way: equal ``in_features``, format, rank,
+        dtype, layout, ``smooth_factor``, ``proj_down`` and (NVFP4) ``wtscale``, which the
+        quantizer guarantees for the members of a fused group; bias on all or none. Then the
+        activations are quantized once and every output column is computed exactly as in its
+        own layer. ValueError names the first mismatch.
+        """
+        layers = list(layers)
+        if len(layers) < 2 or any(type(m) is not SVDQLinear for m in layers):
+            raise ValueError("concat: needs two or more SVDQLinear layers")
+        first = layers[0]
+        for i, m in enumerate(layers[1:], 1):
+            for attr in ("in_features", "fmt", "rank", "dtype", "layout"):
+                if getattr(m, attr) != getattr(first, attr):
+                    raise ValueError(
+                        f"concat: layer {i} has {attr}={getattr(m, attr)!r}, layer 0 "
+                        f"{getattr(first, attr)!r}"
+                    )
+            for attr in ("smooth_factor", "proj_down", "wtscale"):
+                a, b = getattr(first, attr), getattr(m, attr)
+                if a is not None and not torch.equal(a, b):
+                    raise ValueError(f"concat: layer {i} has a different {attr} than layer 0")
+            if (m.bias is None) != (first.bias is None):
+                raise ValueError(f"concat: layer {i} and layer 0 differ in having a bias")
+        out = cls(
+            first.in_features,
+            sum(m.out_features for m in layers),
+            first.rank,
+            first.fmt,
+            first.bias is not None,
+            first.dtype,
+            first.qweight.device,
+        )
+        out.layout = first.layout  # rows are output channels: any nibble layout concatenates
+        out.qweight = torch.cat([m.qweight for m in layers], dim=0)
+        out.wscales = torch.cat([m.wscales for m in layers], dim=1)
+        out.proj_up = torch.cat([m.proj_up for m in layers], dim=0)
+        out.smooth_factor = first.smooth_factor.clone()
+        out.proj_down = first.proj_down.clone()
+        if first.wtscale is not None:
+            out.wtscale = first.wtscale.clone()
+        if first.bias is not None:
+            out.bias = torch.cat([m.bias for m in layers], dim=0)
+        return out
+
+    def split(self, sizes: Sequence[int]) -> list[SVDQLinear]:
+        """The inverse of :meth:`concat`: layers of ``sizes`` output features (exact)."""
+        sizes = [int(n) for n in sizes]
+        if sum(sizes) != self.out_features or min(sizes) < 1:
+            raise ValueError(f"split: sizes {sizes} do not partition {self.out_features} outputs")
+        pieces = {
+            "qweight": self.qweight.split(sizes, dim=0),
+            "wscales": self.wscales.split(sizes, dim=1),
+            "proj_up": self.proj_up.split(sizes, dim=0),
+            "bias": self.bias.split(sizes, dim=0) if self.bias is not None else [None] * len(sizes),
+        }
+        dev = self.qweight.device
+        out = []
+        for i, n in enumerate(sizes):
+            m = SVDQLinear(
+                self.in_features, n, self.rank, self.fmt, self.bias is not None, self.dtype, dev
+            )
+            m.layout = self.layout
+            for name, parts in pieces.items():
+                if parts[i] is not None:
+                    setattr(m, name, parts[i].contiguous().clone())
+            m.smooth_factor = self.smooth_factor.clone()
+            m.proj_down = self.proj_down.clone()
+            if self.wtscale is not None:
+                m.wtscale = self.wtscale.clone()
+            out.append(m)
+        return out
 
     def extra_repr(self) -> str:
         return (

@@ -92,12 +92,17 @@ class QuantizedWeight:
 
 
 def quantize_weight(
-    w: torch.Tensor, fmt: str, scale_dtype: torch.dtype | None = None
+    w: torch.Tensor,
+    fmt: str,
+    scale_dtype: torch.dtype | None = None,
+    tensor_scale: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize a weight ``w`` [N, K] (groups along K) into the canonical packed layout.
 
     ``scale_dtype`` is the model's 16-bit dtype for INT4 scales (default ``w.dtype``); NVFP4
-    scales are always float8_e4m3fn.
+    scales are always float8_e4m3fn. ``tensor_scale`` (NVFP4 only, float32 []) replaces the
+    tensor scale computed from ``w``: layers that are concatenated at run time
+    (:mod:`dcgen_quant.fusion`) must share one.
     """
     spec = get_format(fmt)
     if w.dim() != 2:
@@ -105,7 +110,10 @@ def quantize_weight(
     if spec.name == "int4":
         codes, scales = quantize_int4(w, spec.group_size, scale_dtype or w.dtype)
         return QuantizedWeight(pack_int4(codes), scales.t().contiguous(), None, fmt)
-    codes, scales, s_t = quantize_nvfp4(w, spec.group_size, tensor_scale=True)
+    if tensor_scale is not None and spec.name != "nvfp4":
+        raise ValueError(f"tensor_scale: {fmt} weights have no tensor scale")
+    ts = True if tensor_scale is None else tensor_scale
+    codes, scales, s_t = quantize_nvfp4(w, spec.group_size, tensor_scale=ts)
     return QuantizedWeight(pack_nvfp4(codes), scales.t().contiguous(), s_t, fmt)
 
 

@@ -58,6 +58,7 @@ def gptq_quantize(
     dtype: torch.dtype,
     damp: float = 0.01,
     block: int = 128,
+    tensor_scale: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ of ``residual`` [N, K] against Hessian ``h`` [K, K] into the canonical format.
 
@@ -69,6 +70,8 @@ def gptq_quantize(
     dtype : INT4 scale dtype (the layer's 16-bit dtype)
     damp : float; ``damp * mean(diag(H))`` is added to the diagonal (reference 0.01)
     block : int; columns per lazy-update block (reference 128)
+    tensor_scale : NVFP4 tensor scale to use instead of the residual's own (see
+        :func:`dcgen_quant.formats.quantize_weight`)
 
     Returns
     -------
@@ -80,7 +83,7 @@ def gptq_quantize(
         raise ValueError(f"hessian must be [K, K]=[{k}, {k}], got {tuple(h.shape)}")
     if damp <= 0 or block < 1:
         raise ValueError(f"damp must be > 0 and block >= 1, got damp={damp}, block={block}")
-    rtn = quantize_weight(residual, fmt, dtype)
+    rtn = quantize_weight(residual, fmt, dtype, tensor_scale)
     div_groups = _divisors(rtn)  # [N, K/G]
 
     h = h.double().clone()

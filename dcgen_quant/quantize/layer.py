@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..formats import QuantizedWeight, dequantize_weight, get_format, quantize_weight
+from ..formats.nvfp4 import nvfp4_tensor_scale
 from ..nn import SVDQConv1x1, SVDQLinear, W4A16Conv1x1, W4A16Linear
 from .config import QuantConfig
 from .gptq import gptq_quantize, hessian
@@ -188,14 +189,23 @@ def relative_error(module: nn.Module, spec: LinearSpec, x: torch.Tensor) -> floa
 
 
 def _quantize_residuals(problem, result: SearchResult, splits, config, use_gptq: bool):
-    """Per-member QuantizedWeight of the residual (GPTQ if it lowers the output error)."""
+    """Per-member QuantizedWeight of the residual (GPTQ if it lowers the output error).
+
+    NVFP4 members of a group share one tensor scale (that of the whole residual), so that the
+    group can run as one concatenated GEMM (:mod:`dcgen_quant.fusion`).
+    """
     parts = result.residual.split(splits, dim=0)
-    rtn = [quantize_weight(p, config.format, config.dtype) for p in parts]
+    shared = None
+    if len(parts) > 1 and get_format(config.format).has_tensor_scale:
+        shared = nvfp4_tensor_scale(result.residual)
+    rtn = [quantize_weight(p, config.format, config.dtype, shared) for p in parts]
     if not use_gptq:
         return rtn, False
     h = hessian(problem.x / result.smooth)
     gptq = [
-        gptq_quantize(p, h, config.format, config.dtype, config.gptq_damp, config.gptq_block)
+        gptq_quantize(
+            p, h, config.format, config.dtype, config.gptq_damp, config.gptq_block, shared
+        )
         for p in parts
     ]
 

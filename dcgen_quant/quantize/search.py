@@ -105,9 +105,13 @@ class GroupProblem:
         )
 
     def quantize_residual(self, residual: torch.Tensor) -> torch.Tensor:
-        """Each member's residual [N_i, K] 4-bit fake-quantized on its own, stacked: [N, K]."""
-        parts = residual.split(self.splits, dim=0)
-        return torch.cat([fake_quant_weight(p, self.fmt, self.dtype) for p in parts], dim=0)
+        """The group's residual [N, K] 4-bit fake-quantized: [N, K].
+
+        Scales are per row and group, and NVFP4 members share one tensor scale (that of the
+        whole residual, as the final quantization does), so quantizing the stacked residual
+        equals quantizing each member's rows with the shared scale.
+        """
+        return fake_quant_weight(residual, self.fmt, self.dtype)
 
     def objective(self, smooth, proj_down, proj_up, residual_q) -> float:
         """``sum_i ||E_i||^2 / ||Y_i||^2`` of the simulated runtime output."""
