@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from dcgen_quant.checkpoint import load_quantized, read_metadata, save_quantized
