@@ -318,7 +318,10 @@ def _get_model(cache: dict, device, tiny: bool, kind: str, name: str, prec: str)
             from .w4a4 import convert_to_w4a4
 
             counts = convert_to_w4a4(model, prec)
-            note = f"{counts['w4a4']} W4A4 + {counts['w4a16']} W4A16 layers; "
+            note = f"{counts['w4a4']} W4A4 + {counts['w4a16']} W4A16 layers"
+            if counts["fused_attentions"]:
+                note += f", q/k/v fused in {counts['fused_attentions']} attentions"
+            note += "; "
             note += _use_our_attention(model)
     else:
         over = TINY_AUTOENCODER[name] if tiny else {}

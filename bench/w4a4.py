@@ -65,6 +65,7 @@ def convert_to_w4a4(
     fmt: str,
     rank: int = 32,
     seed: int = 0,
+    fuse: bool = True,
 ) -> dict[str, int]:
     """Replace the block linears of ``model`` in place by 4-bit layers (see module docstring).
 
@@ -74,10 +75,14 @@ def convert_to_w4a4(
     fmt : "int4" | "nvfp4"
     rank : rank of the low-rank branch of the SVDQLinear layers
     seed : seed of the random quantized weights (ignored on meta)
+    fuse : on a real device, give each FLUX attention's q/k/v (and added q/k/v) layers one
+        smoothing vector, down projection and tensor scale, as the quantizer does, and run them
+        fused (:func:`dcgen_quant.fusion.fuse_projections`), as a loaded model with
+        ``fuse=True`` runs; on meta (the latency model's op trace) nothing is fused
 
     Returns
     -------
-    counts : ``{"w4a4": n, "w4a16": n, "kept": n}``
+    counts : ``{"w4a4": n, "w4a16": n, "kept": n, "fused_attentions": n}``
     """
     group = get_format(fmt).group_size
     counts = {"w4a4": 0, "w4a16": 0, "kept": 0}
@@ -110,4 +115,22 @@ def convert_to_w4a4(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         counts["w4a16" if weight_only else "w4a4"] += 1
+    counts["fused_attentions"] = _fuse(model) if fuse and generator is not None else 0
     return counts
+
+
+def _fuse(model: nn.Module) -> int:
+    """Share the input-side tensors within each q/k/v group, then fuse; returns the count."""
+    from dcgen_quant.fusion import GROUPS, fuse_projections
+
+    for attn in model.modules():
+        for _, members in GROUPS:
+            layers = [getattr(attn, m, None) for m in members]
+            if not all(type(m) is SVDQLinear for m in layers):
+                continue
+            for m in layers[1:]:
+                m.smooth_factor.copy_(layers[0].smooth_factor)
+                m.proj_down.copy_(layers[0].proj_down)
+                if m.wtscale is not None:
+                    m.wtscale.copy_(layers[0].wtscale)
+    return sum(v == "fused" for v in fuse_projections(model).values())

@@ -24,6 +24,9 @@ def test_tiny_measure_writes_md_json_png(tmp_path):
     ) in kinds
     for r in result["runs"]:
         assert len(r["times_s"]) == r["reps"] and all(t > 0 for t in r["times_s"])
+    # W4A4 DC-Gen-FLUX runs with q/k/v fused, as load_quantized(fuse=True) would run it
+    int4 = next(r for r in result["runs"] if r["precision"] == "int4" and r["kind"] == "step")
+    assert "q/k/v fused in" in int4["note"], int4["note"]
     rows, runs, paths = report.write_results(result, tmp_path)
     assert {p.suffix for p in paths.values()} == {".md", ".json", ".png"}
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
