@@ -125,3 +125,20 @@ def test_concat_errors_name_the_mismatch():
         SVDQLinear.concat([a])
     with pytest.raises(ValueError, match="partition"):
         SVDQLinear.concat([a, a]).split([32, 16])
+
+
+def test_dcgen_attention_processor_reads_the_fused_projections(quantized):
+    from dcgen_quant.attention_processor import use_dcgen_attention
+
+    fmt, model, inputs = quantized
+    saved = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    assert use_dcgen_attention(model) == 4
+    try:
+        before = _run(model, inputs)
+        fuse_projections(model)
+        after = _run(model, inputs)
+        unfuse_projections(model)
+    finally:
+        for name, processor in saved.items():
+            model.get_submodule(name).set_processor(processor)
+    assert torch.equal(after, before)
