@@ -1,4 +1,4 @@
-"""``python -m dcgen_quant {quantize,inspect,adapt,bench}``.
+"""``python -m dcgen_quant {quantize,inspect,adapt,generate,bench}``.
 
 Each command lives in its own module, which exposes ``HELP`` (one line), ``add_arguments(parser)``
 and ``run(args) -> int``. Modules import their heavy dependencies inside ``run`` so that
@@ -17,6 +17,7 @@ COMMANDS = {
     "quantize": "dcgen_quant.quantize.cli",
     "inspect": "dcgen_quant.inspect_cli",
     "adapt": "dcgen_quant.adapt.cli",
+    "generate": "dcgen_quant.generate_cli",
     "bench": "dcgen_quant.bench.cli",
 }
 

@@ -1,0 +1,130 @@
+"""``python -m dcgen_quant generate``: text-to-image with an adapted and/or quantized model.
+
+    python -m dcgen_quant generate --model PATH --prompt "..." [--prompt "..."] --out DIR
+        [--ae DIR] [--text PIPELINE_DIR] [--resolution R] [--steps N] [--guidance W]
+        [--seed S] [--text-length L] [--device cpu|cuda] [--dtype float32|bfloat16]
+
+``--model`` is a diffusers transformer directory (e.g. ``adapt``'s ``OUT/model``), a diffusers
+pipeline directory, or a 4-bit checkpoint written by ``quantize`` (file or sharded directory;
+loaded with q/k/v fused). The autoencoder defaults to the one recorded in the adapted model's
+``dcgen_adapt.json`` (or the pipeline's ``vae``); prompts are embedded by the text encoders of
+``--text`` (a FluxPipeline / SanaPipeline directory; default: ``--model`` when it is one). Without
+text encoders the documented stand-in :class:`dcgen_quant.adapt.data.HashedText` is used, with a
+warning: it carries no meaning, only word identity. Sampling is :mod:`dcgen_quant.adapt.sample`.
+Writes ``OUT/<i>.png`` (atomically) and prints one row per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HELP = "generate images with an adapted (DC-Gen) and/or 4-bit quantized FLUX / SANA transformer"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="transformer / pipeline dir or checkpoint")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for more")
+    parser.add_argument("--out", required=True, help="output directory for <i>.png")
+    parser.add_argument("--ae", help="autoencoder directory (default: from the model)")
+    parser.add_argument("--text", help="FluxPipeline / SanaPipeline dir with text encoders")
+    parser.add_argument("--resolution", type=int, default=1024, help="image side (pixels)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=3.5, help="guidance scale w")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image's noise")
+    parser.add_argument("--text-length", type=int, help="text tokens (default FLUX 512, SANA 300)")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="16-bit "
+                        "default on cuda, float32 on cpu (16-bit models)")  # fmt: skip
+
+
+def _is_checkpoint(path: Path) -> bool:
+    from .checkpoint import INDEX_NAME
+
+    return (path.is_file() and path.suffix == ".safetensors") or (path / INDEX_NAME).is_file()
+
+
+def load_transformer(path: Path, device, dtype):
+    """(transformer, default autoencoder dir or None, pipeline dir with text encoders or None)."""
+    from .adapt.runner import load_base
+
+    if _is_checkpoint(path):
+        from .checkpoint import load_quantized
+
+        model = load_quantized(path, device=device, fuse=True)
+        return model, None, None
+    model, vae_dir, pipeline_cls = load_base(path)
+    model = model.to(device=device, dtype=dtype)
+    record = path / "dcgen_adapt.json"
+    if record.is_file():
+        vae_dir = Path(json.loads(record.read_text())["autoencoder"])
+    return model, vae_dir, (path if pipeline_cls else None)
+
+
+def run(args) -> int:
+    import torch
+
+    from .adapt import data as D
+    from .adapt import family as fam
+    from .adapt.runner import _class_of, load_autoencoder, text_encoder_for
+    from .adapt.sample import generate
+    from .atomic import atomic_path
+    from .tables import format_table
+
+    if args.steps < 1:
+        raise ValueError(f"--steps: got {args.steps}; expected >= 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    path = Path(args.model)
+    if not path.exists():
+        raise FileNotFoundError(f"--model: {path} does not exist")
+    model, ae_dir, text_dir = load_transformer(path, device, dtype)
+    model.eval()
+    if args.ae is not None:
+        ae_dir = Path(args.ae)
+    if ae_dir is None:
+        raise ValueError(
+            f"--ae: {path} records no autoencoder; pass the autoencoder directory it reads"
+        )
+    ae = load_autoencoder(ae_dir, "--ae").to(device)
+    channels = int(ae.config.latent_channels)
+    fam.latent_patch_size(model, channels)  # raises if the model cannot read this latent
+    if args.text is not None:
+        kind, cls = _class_of(Path(args.text), "--text")
+        if kind != "pipeline":
+            raise ValueError(f"--text: {args.text} is a {cls}, not a pipeline directory")
+        text_dir, pipeline_cls = Path(args.text), cls
+    else:
+        pipeline_cls = _class_of(text_dir, "--model")[1] if text_dir is not None else None
+    family = fam.family_of(model)
+    length = args.text_length or (512 if family == "flux" else 300)
+    encoder = text_encoder_for(text_dir or path, pipeline_cls, model, length)
+    if isinstance(encoder, D.HashedText):
+        print(
+            "warning: no text encoders (--text PIPELINE_DIR); prompts are embedded by the "
+            "HashedText stand-in, which carries word identity, not meaning",
+            file=sys.stderr,
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, prompt in enumerate(args.prompt):
+        start = time.perf_counter()
+        image = generate(
+            model, ae, encoder, [prompt], args.resolution, steps=args.steps,
+            guidance=args.guidance, seed=args.seed + i, progress=True,
+        )[0]  # fmt: skip
+        seconds = time.perf_counter() - start
+        pixels = ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        from PIL import Image
+
+        target = out / f"{i}.png"
+        with atomic_path(target) as tmp:
+            Image.fromarray(pixels).save(tmp, format="PNG")
+        rows.append({"image": str(target), "seconds": seconds, "prompt": prompt})
+    cols = [("image", "image", None), ("seconds", "seconds", ".2f"), ("prompt", "prompt", None)]
+    print(format_table(rows, cols))
+    return 0
