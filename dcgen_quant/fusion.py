@@ -52,11 +52,8 @@ def _plan(attn: nn.Module) -> tuple[list[tuple[str, tuple[str, ...]]], str | Non
         if any(type(m) is not SVDQLinear for m in layers):
             kinds = sorted({type(m).__name__ for m in layers})
             return groups, f"{'/'.join(members)} are {', '.join(kinds)}, not all SVDQLinear"
-        try:
-            SVDQLinear.concat([layers[0], layers[1]])
-            SVDQLinear.concat([layers[0], layers[2]])
-        except ValueError as e:
-            return groups, f"{'/'.join(members)}: {e}"
+        if reason := SVDQLinear.concat_mismatch(layers):
+            return groups, f"{'/'.join(members)}: {reason}"
         groups.append((fused, members))
     if not groups:
         return groups, "no q/k/v projections"

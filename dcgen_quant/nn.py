@@ -181,22 +181,9 @@ class SVDQLinear(_QuantizedWeightMixin):
         own layer. ValueError names the first mismatch.
         """
         layers = list(layers)
-        if len(layers) < 2 or any(type(m) is not SVDQLinear for m in layers):
-            raise ValueError("concat: needs two or more SVDQLinear layers")
+        if reason := cls.concat_mismatch(layers):
+            raise ValueError(f"concat: {reason}")
         first = layers[0]
-        for i, m in enumerate(layers[1:], 1):
-            for attr in ("in_features", "fmt", "rank", "dtype", "layout"):
-                if getattr(m, attr) != getattr(first, attr):
-                    raise ValueError(
-                        f"concat: layer {i} has {attr}={getattr(m, attr)!r}, layer 0 "
-                        f"{getattr(first, attr)!r}"
-                    )
-            for attr in ("smooth_factor", "proj_down", "wtscale"):
-                a, b = getattr(first, attr), getattr(m, attr)
-                if a is not None and not torch.equal(a, b):
-                    raise ValueError(f"concat: layer {i} has a different {attr} than layer 0")
-            if (m.bias is None) != (first.bias is None):
-                raise ValueError(f"concat: layer {i} and layer 0 differ in having a bias")
         out = cls(
             first.in_features,
             sum(m.out_features for m in layers),
@@ -217,6 +204,28 @@ class SVDQLinear(_QuantizedWeightMixin):
         if first.bias is not None:
             out.bias = torch.cat([m.bias for m in layers], dim=0)
         return out
+
+    @staticmethod
+    def concat_mismatch(layers: Sequence[SVDQLinear]) -> str | None:
+        """Why ``layers`` cannot be concatenated (see :meth:`concat`), or None if they can."""
+        layers = list(layers)
+        if len(layers) < 2 or any(type(m) is not SVDQLinear for m in layers):
+            return "needs two or more SVDQLinear layers"
+        first = layers[0]
+        for i, m in enumerate(layers[1:], 1):
+            for attr in ("in_features", "fmt", "rank", "dtype", "layout"):
+                if getattr(m, attr) != getattr(first, attr):
+                    return (
+                        f"layer {i} has {attr}={getattr(m, attr)!r}, layer 0 "
+                        f"{getattr(first, attr)!r}"
+                    )
+            for attr in ("smooth_factor", "proj_down", "wtscale"):
+                a, b = getattr(first, attr), getattr(m, attr)
+                if a is not None and not torch.equal(a, b):
+                    return f"layer {i} has a different {attr} than layer 0"
+            if (m.bias is None) != (first.bias is None):
+                return f"layer {i} and layer 0 differ in having a bias"
+        return None
 
     def split(self, sizes: Sequence[int]) -> list[SVDQLinear]:
         """The inverse of :meth:`concat`: layers of ``sizes`` output features (exact)."""
