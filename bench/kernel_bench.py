@@ -14,7 +14,9 @@ On a CUDA GPU it times (medians of CUDA-event timings, ``triton.testing.do_bench
 * ``quantize_act`` (rank 32), in GB/s against a measured device-to-device copy;
 * ``gemm_w4a16`` at the AdaLayerNorm shape (M = 2, N = 18432, K = 3072) against bf16 matmul;
 * ``attention`` (and the Triton 8-bit variant) at FLUX's 4096+512 and 16384+512 tokens, 24 heads
-  of 128, against ``torch.nn.functional.scaled_dot_product_attention``.
+  of 128, against ``torch.nn.functional.scaled_dot_product_attention``;
+* q/k/v fusion: three INT4 ``SVDQLinear`` of one input (M = 4096, 3072x3072) one by one vs
+  fused into one layer (``dcgen_quant.fusion``).
 
 Each row has the median time, TFLOP/s, GB/s, the speedup over the baseline, the fraction of the
 datasheet ceiling (bench/hardware.py) for the unit the kernel uses, and the max relative
@@ -61,7 +63,7 @@ GEMM_M = (256, 1024, 4096, 16384)
 GEMM_NK = ((3072, 3072), (12288, 3072), (3072, 12288), (3072, 15360))
 ATTN_TOKENS = (4096 + 512, 16384 + 512)
 RANK = 32
-OPS = ("gemm", "lowrank", "quantize", "w4a16", "attention", "lead")
+OPS = ("gemm", "lowrank", "quantize", "w4a16", "attention", "fusion", "lead")
 
 COLUMNS = [
     ("op", "op", None),
@@ -269,6 +271,47 @@ def case_lowrank(m, n, k, backends, device, quick, env) -> list[dict]:
     return rows
 
 
+def case_fusion(m, n, k, backends, device, quick, env) -> list[dict]:
+    """SVDQLinear q/k/v (three [n, k] INT4 layers, one input) run one by one vs fused
+    (:mod:`dcgen_quant.fusion`: one quantize_act and one [3n, k] GEMM)."""
+    from dcgen_quant.nn import SVDQLinear
+
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(device, torch.bfloat16)
+    down = (torch.randn(k, RANK, generator=g) / k**0.5).to(device, torch.bfloat16)
+    layers = []
+    for _ in range(3):
+        layer = SVDQLinear(k, n, RANK, "int4", True, torch.bfloat16, device)
+        qw = quantize_weight((torch.randn(n, k, generator=g) / k**0.5).to(device), "int4",
+                             torch.bfloat16)  # fmt: skip
+        layer.qweight.copy_(qw.qweight)
+        layer.wscales.copy_(qw.wscales)
+        layer.smooth_factor.copy_(smooth)
+        layer.proj_down.copy_(down)
+        layer.proj_up.copy_((torch.randn(n, RANK, generator=g) / RANK**0.5).to(device))
+        layer.bias.copy_(torch.randn(n, generator=g).to(device))
+        layers.append(layer)
+    shape = f"M={m} 3x(N={n}) K={k} r={RANK}"
+    for name, module in backends.items():
+        if isinstance(module, str):
+            continue
+        ops.set_backend(name)
+        for layer in layers:
+            layer.set_layout(module.preferred_layout("int4"))
+        fused = SVDQLinear.concat(layers)
+        with torch.no_grad():
+            ref = torch.cat([layer(x) for layer in layers], dim=-1)
+            err = max_rel_err(fused(x), ref)
+            t_sep = median_ms(lambda: [layer(x) for layer in layers], device, quick)
+            t_fused = median_ms(lambda f=fused: f(x), device, quick)
+        rows.append(_row("q/k/v fusion int4", name, shape, t_fused,
+                         base=("3 separate layers", t_sep), env=env, max_rel_err=err,
+                         note=f"fused {t_sep / t_fused:.2f}x faster than 3 layers"))  # fmt: skip
+    return rows
+
+
 def copy_bandwidth(device, quick, numel=1 << 28) -> float:
     """Measured device-to-device copy bandwidth in GB/s (read + write)."""
     src = torch.empty(numel // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
@@ -375,6 +418,7 @@ def plan(quick: bool, device: str, only: set[str]) -> list[tuple[str, Callable, 
         ms, nks, toks, heads, d = GEMM_M, GEMM_NK, ATTN_TOKENS, 24, 128
         quant = [(m, k) for m in GEMM_M for k in (3072, 12288)]
         lowrank, w4a16 = (4096, 3072, 3072), (2, 18432, 3072)
+    fusion = lowrank  # FLUX q/k/v: three 3072x3072 projections of one input
     lead_m = 4096 if 4096 in ms else ms[0]
     lead_only = "lead" in only
     only = set(OPS) if lead_only else only
@@ -397,6 +441,8 @@ def plan(quick: bool, device: str, only: set[str]) -> list[tuple[str, Callable, 
     if "attention" in only:
         for i, t in enumerate(toks):
             (first if i == 0 else rest).append((f"attention S={t}", case_attention, (t, heads, d)))
+    if "fusion" in only:
+        rest.insert(0, ("q/k/v fusion", case_fusion, fusion))
     if "w4a16" in only:
         rest += [(f"w4a16 {f}", case_w4a16, (f, *w4a16)) for f in ("int4", "nvfp4")]
     return first if lead_only else first + rest
