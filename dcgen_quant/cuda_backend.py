@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -38,13 +39,36 @@ def _ops():
     return ops
 
 
+def _installed_dir() -> Path | None:
+    """The installed package directory when this module is imported from a source checkout
+    that shadows a (non-editable) installation, else None."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        path = Path(str(distribution("dcgen_quant").locate_file("dcgen_quant"))).resolve()
+    except (ImportError, PackageNotFoundError, OSError, TypeError):
+        return None
+    return path if path != _HERE and path.is_dir() else None
+
+
+def build_dir() -> Path | None:
+    """The package directory that holds the CUDA build (_cuda_build.json, _C, the library).
+
+    Normally this package's own directory. Run from a source checkout after a non-editable
+    ``pip install .``, ``import dcgen_quant`` finds the checkout, which has no build, while the
+    build went into site-packages; then the installed directory is used.
+    """
+    for path in (_HERE, _installed_dir()):
+        if path is not None and (path / "_cuda_build.json").is_file():
+            return path
+    return None
+
+
 @functools.cache
 def build_info() -> dict | None:
     """The install-time build record (_cuda_build.json), or None if there is none."""
-    path = _HERE / "_cuda_build.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
+    path = build_dir()
+    return None if path is None else json.loads((path / "_cuda_build.json").read_text())
 
 
 @functools.cache
@@ -58,6 +82,10 @@ def _library():
         )
     if not info.get("built"):
         return f"the CUDA library was not built: {info.get('reason')}"
+    path = build_dir()
+    package = sys.modules[__package__]
+    if path != _HERE and str(path) not in package.__path__:
+        package.__path__.append(str(path))  # _C and libdcgen_quant.so live in the installed copy
     try:
         from . import _C
     except ImportError as exc:

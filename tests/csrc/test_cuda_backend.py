@@ -53,6 +53,25 @@ def test_build_record_when_skipped(tmp_path, monkeypatch):
         cuda_backend._library.cache_clear()
 
 
+def test_build_of_an_installed_copy_shadowed_by_the_source_checkout(tmp_path, monkeypatch):
+    """Run from a checkout after a non-editable install: the build record is in site-packages."""
+    checkout, installed = tmp_path / "checkout", tmp_path / "site-packages"
+    checkout.mkdir()
+    installed.mkdir()
+    record = {"built": False, "reason": "the record of the installed copy"}
+    (installed / "_cuda_build.json").write_text(json.dumps(record))
+    monkeypatch.setattr(cuda_backend, "_HERE", checkout)
+    monkeypatch.setattr(cuda_backend, "_installed_dir", lambda: installed)
+    cuda_backend.build_info.cache_clear()
+    cuda_backend._library.cache_clear()
+    try:
+        assert cuda_backend.build_dir() == installed
+        assert cuda_backend.unavailable_reason().endswith("the record of the installed copy")
+    finally:
+        cuda_backend.build_info.cache_clear()
+        cuda_backend._library.cache_clear()
+
+
 def test_cpu_tensors_and_attention_are_refused():
     info = cuda_backend.build_info()
     if info is None or not info["built"]:
