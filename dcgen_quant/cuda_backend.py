@@ -40,15 +40,17 @@ def _ops():
 
 
 def _installed_dir() -> Path | None:
-    """The installed package directory when this module is imported from a source checkout
-    that shadows a (non-editable) installation, else None."""
-    try:
-        from importlib.metadata import PackageNotFoundError, distribution
-
-        path = Path(str(distribution("dcgen_quant").locate_file("dcgen_quant"))).resolve()
-    except (ImportError, PackageNotFoundError, OSError, TypeError):
-        return None
-    return path if path != _HERE and path.is_dir() else None
+    """Another ``dcgen_quant`` package directory on ``sys.path`` that holds a build record: the
+    installed copy when this module is imported from a source checkout that shadows a
+    (non-editable) installation. None if there is none."""
+    for entry in sys.path:
+        try:
+            path = (Path(entry or ".") / "dcgen_quant").resolve()
+        except OSError:
+            continue
+        if path != _HERE and (path / "_cuda_build.json").is_file():
+            return path
+    return None
 
 
 def build_dir() -> Path | None:
