@@ -36,6 +36,7 @@ def test_build_record_when_skipped(tmp_path, monkeypatch):
     record = {"built": False, "reason": "DCGEN_QUANT_SKIP_CUDA=1 was set when installed"}
     (tmp_path / "_cuda_build.json").write_text(json.dumps(record))
     monkeypatch.setattr(cuda_backend, "_HERE", tmp_path)
+    monkeypatch.setattr(cuda_backend, "_installed_dir", lambda: None)  # no other copy
     cuda_backend.build_info.cache_clear()
     cuda_backend._library.cache_clear()
     try:
@@ -55,13 +56,13 @@ def test_build_record_when_skipped(tmp_path, monkeypatch):
 
 def test_build_of_an_installed_copy_shadowed_by_the_source_checkout(tmp_path, monkeypatch):
     """Run from a checkout after a non-editable install: the build record is in site-packages."""
-    checkout, installed = tmp_path / "checkout", tmp_path / "site-packages"
+    checkout, installed = tmp_path / "checkout", tmp_path / "site-packages" / "dcgen_quant"
     checkout.mkdir()
-    installed.mkdir()
+    installed.mkdir(parents=True)
     record = {"built": False, "reason": "the record of the installed copy"}
     (installed / "_cuda_build.json").write_text(json.dumps(record))
     monkeypatch.setattr(cuda_backend, "_HERE", checkout)
-    monkeypatch.setattr(cuda_backend, "_installed_dir", lambda: installed)
+    monkeypatch.syspath_prepend(str(installed.parent))
     cuda_backend.build_info.cache_clear()
     cuda_backend._library.cache_clear()
     try:
