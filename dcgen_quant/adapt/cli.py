@@ -65,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hp.add_argument("--text-length", type=int, help="text tokens (default 64; demo 16)")
     hp.add_argument("--seed", type=int, default=0)
     hp.add_argument("--ckpt-every", type=int, default=100, help="checkpoint period in steps")
+    hp.add_argument("--device", default="cpu", help="where the models train (e.g. cuda)")
+    hp.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="frozen transformer weights; 16-bit trains under autocast, trainable params float32",
+    )
     hp.add_argument("--report-images", type=int, default=16, help="held-out images reported")
 
 
@@ -79,6 +86,7 @@ def _options(args, demo: bool):
         seed=args.seed,
         ckpt_every=args.ckpt_every,
         resume=args.resume,
+        dtype=args.dtype,
     )
     if demo:
         opts.steps, opts.lr, opts.batch_size = dict(DEMO_STEPS), dict(DEMO_LR), dict(DEMO_BATCH)
@@ -143,7 +151,7 @@ def run(args) -> int:
         report_images=args.report_images,
     )
     opts = _options(args, demo=False)
-    ctx = Context(inputs, out / "cache")
+    ctx = Context(inputs, out / "cache", device=args.device, dtype=args.dtype)
     state = run_chain(ctx, out, opts)
     names = {s: s for s in ("surgery", "align", "head", "lora")}
     mse, flow = evaluate(ctx, [(out, names)], opts.reconcile)
@@ -196,7 +204,7 @@ def _run_demo(args) -> int:
         text_length=cfg.text_length,
         report_images=args.report_images,
     )
-    ctx = Context(inputs, out / "cache")
+    ctx = Context(inputs, out / "cache", device=args.device, dtype=args.dtype)
     opts = _options(args, demo=True)
     opts.stage, opts.resume = "all", True  # a demo run always continues what it finds
     aligned = run_chain(ctx, out / "aligned", opts)

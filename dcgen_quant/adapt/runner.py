@@ -121,10 +121,21 @@ class Inputs:
 class Context:
     """Everything loaded once: base model, autoencoders, text, cached latents of both sets."""
 
-    def __init__(self, inputs: Inputs, cache_dir: str | Path, progress: bool = True):
+    def __init__(
+        self,
+        inputs: Inputs,
+        cache_dir: str | Path,
+        progress: bool = True,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+    ):
+        """``device`` holds the models (the cached latents stay on the CPU, batches move);
+        ``dtype`` is the frozen transformer weights' dtype (see :class:`ChainOptions`)."""
         self.inputs = inputs
+        self.device, self.dtype = torch.device(device), dtype
         base_dir = Path(inputs.base)
         self.base, vae_dir, pipe_cls = load_base(base_dir)
+        self.base.to(device=self.device, dtype=getattr(torch, dtype))
         self.family = fam.family_of(self.base)
         if inputs.base_ae is not None:
             vae_dir = Path(inputs.base_ae)
@@ -133,8 +144,8 @@ class Context:
                 f"base_ae: {base_dir} is a bare transformer; pass the base autoencoder directory "
                 "(--base-ae DIR)"
             )
-        self.base_ae = load_autoencoder(vae_dir, "base_ae")
-        self.target_ae = load_autoencoder(inputs.target_ae, "target_ae")
+        self.base_ae = load_autoencoder(vae_dir, "base_ae").to(self.device)
+        self.target_ae = load_autoencoder(inputs.target_ae, "target_ae").to(self.device)
         for p in (
             *self.base.parameters(),
             *self.base_ae.parameters(),
@@ -196,10 +207,15 @@ class ChainOptions:
     ckpt_every: int = 100
     resume: bool = False
     progress: bool = True
+    # the frozen transformer weights' dtype; "bfloat16" / "float16" train under autocast with
+    # float32 trainable parameters (TrainConfig.autocast). The device is the Context's.
+    dtype: str = "float32"
 
     def __post_init__(self):
         if self.stage not in (*STAGES, "all"):
             raise ValueError(f"stage: got {self.stage!r}; expected one of {(*STAGES, 'all')}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: got {self.dtype!r}; expected float32, bfloat16 or float16")
 
     def config(self, stage: str) -> TrainConfig:
         return TrainConfig(
@@ -210,6 +226,7 @@ class ChainOptions:
             ema=self.ema if stage == "lora" else None,
             ckpt_every=self.ckpt_every,
             seed=self.seed,
+            autocast=None if self.dtype == "float32" else self.dtype,
         )
 
 
@@ -401,13 +418,26 @@ def evaluate(
     objective averaged over w in GUIDANCE_EVAL (guidance-embedding models; else None)}); the
     flow dict starts with ``base``: the base model on the base latents of the same images.
     """
-    from .flow import heldout_flow_loss
-    from .report import AlignmentProbe
+    import contextlib
 
     n = min(len(ctx.held), ctx.inputs.report_images)
     held = slice(0, n)
-    text, empty = ctx.held.text(held), ctx.held.empty
-    base_z, new_z = ctx.held.base[held], ctx.held.new[held]
+    dev = ctx.device
+    text, empty = ctx.held.text(held).to(dev), ctx.held.empty.to(dev)
+    base_z, new_z = ctx.held.base[held].to(dev), ctx.held.new[held].to(dev)
+    amp = (
+        torch.autocast(dev.type, dtype=getattr(torch, ctx.dtype))
+        if ctx.dtype != "float32"
+        else contextlib.nullcontext()
+    )
+    with amp:
+        return _evaluate(ctx, runs, reconcile_mode, sigma, text, empty, base_z, new_z)
+
+
+def _evaluate(ctx, runs, reconcile_mode, sigma, text, empty, base_z, new_z):
+    from .flow import heldout_flow_loss
+    from .report import AlignmentProbe
+
     probe = AlignmentProbe(ctx.base, base_z, text, reconcile_mode, sigma)
 
     def losses(model, z, p):

@@ -16,6 +16,7 @@ EMA), the half-updated state is not saved and the last periodic checkpoint stand
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,9 @@ class TrainConfig:
         dominated by the initial weights. With EMA the final weights are the EMA weights.
     ckpt_every : checkpoint period in steps
     seed : seeds every step's generator
+    autocast : None (plain float32) or "bfloat16" / "float16": for models whose frozen weights
+        are 16-bit. The loss runs under ``torch.autocast`` in that dtype, and the trainable
+        parameters are kept (made) float32, as are their optimizer and EMA states.
     """
 
     steps: int
@@ -59,6 +63,7 @@ class TrainConfig:
     ema: float | None = None
     ckpt_every: int = 100
     seed: int = 0
+    autocast: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -74,12 +79,18 @@ class TrainConfig:
         if not isinstance(self.ckpt_every, int) or self.ckpt_every < 1:
             raise ValueError(f"ckpt_every: got {self.ckpt_every!r}; expected an int >= 1")
         self.betas = tuple(float(b) for b in self.betas)
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(
+                f"autocast: got {self.autocast!r}; expected None, 'bfloat16' or 'float16'"
+            )
 
     def fingerprint(self) -> dict:
         """What must match for a checkpoint to be resumed (everything but steps / ckpt_every)."""
         d = asdict(self)
         d.pop("steps")
         d.pop("ckpt_every")
+        if d["autocast"] is None:
+            d.pop("autocast")  # so that float32 checkpoints from before the option still match
         d["betas"] = list(d["betas"])
         return d
 
@@ -138,7 +149,14 @@ def train(
     names = sorted(params)
     plist = [params[n] for n in names]
     for param in plist:
+        if config.autocast and param.dtype != torch.float32:
+            param.data = param.data.float()  # float32 master weights next to 16-bit frozen ones
         param.requires_grad_(True)
+    amp = (
+        torch.autocast(plist[0].device.type, dtype=getattr(torch, config.autocast))
+        if config.autocast and plist
+        else contextlib.nullcontext()
+    )
     opt = torch.optim.AdamW(
         plist, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
@@ -178,7 +196,8 @@ def train(
     try:
         for step in range(start, config.steps):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(step, step_generator(config.seed, name, step))
+            with amp:
+                loss = loss_fn(step, step_generator(config.seed, name, step))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step}")
             loss.backward()

@@ -1,6 +1,7 @@
 """``python -m dcgen_quant adapt`` on directories: errors, stages, resume, the output model."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -180,3 +181,31 @@ def test_sana_chain(sana_inputs, tmp_path, capsys):
     model = SanaTransformer2DModel.from_pretrained(out / "model", local_files_only=True)
     assert model.config.in_channels == 128 and model.config.sample_size == 4
     _forward(out / "model", SanaTransformer2DModel, 128)
+
+
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_bfloat16_chain_trains_float32_parameters_under_autocast(
+    flux_inputs, sana_inputs, tmp_path, capsys, family
+):
+    # --dtype bfloat16: frozen weights in bf16, trainable parameters float32, autocast. On a GPU
+    # this is the memory-saving path (with --device cuda); here it runs every dtype boundary
+    # the device boundaries share.
+    inputs = flux_inputs if family == "flux" else sana_inputs
+    out = tmp_path / "bf16"
+    argv = chain_args(inputs, out, "--stage", "all", "--steps", "3", "--dtype", "bfloat16")
+    code, stdout, err = run_cli([*argv, "--json"], capsys)
+    assert code == 0, err
+    rep = json_report(stdout)
+    assert all(math.isfinite(v) for r in rep["rows"] for k, v in r.items() if k != "block" and v)
+    assert all(math.isfinite(f["flow"]) for f in rep["flow_loss"])
+    state = json.loads((out / "adapt.json").read_text())
+    assert all(state["stages"][s]["config"]["autocast"] == "bfloat16" for s in state["stages"])
+    for stage in ("align", "head", "lora"):  # what trained was float32
+        params = load_file(str(out / stage / "params.safetensors"))
+        assert params and all(t.dtype == torch.float32 for t in params.values()), stage
+    (weights,) = (out / "model").glob("*.safetensors")
+    saved = load_file(str(weights))
+    blocks = [t for k, t in saved.items() if k.startswith(("transformer_blocks.", "single_"))]
+    assert blocks and all(t.dtype == torch.bfloat16 for t in blocks)  # LoRA merged into bf16
+    cls = FluxTransformer2DModel if family == "flux" else SanaTransformer2DModel
+    _forward(out / "model", cls, 32 if family == "flux" else 128)
