@@ -68,9 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hp.add_argument("--device", default="cpu", help="where the models train (e.g. cuda)")
     hp.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=("float32", "bfloat16"),
         default="float32",
-        help="frozen transformer weights; 16-bit trains under autocast, trainable params float32",
+        help="frozen transformer weights; bfloat16 trains under autocast, trainable params float32",
     )
     hp.add_argument("--report-images", type=int, default=16, help="held-out images reported")
 

@@ -49,9 +49,10 @@ class TrainConfig:
         dominated by the initial weights. With EMA the final weights are the EMA weights.
     ckpt_every : checkpoint period in steps
     seed : seeds every step's generator
-    autocast : None (plain float32) or "bfloat16" / "float16": for models whose frozen weights
-        are 16-bit. The loss runs under ``torch.autocast`` in that dtype, and the trainable
-        parameters are kept (made) float32, as are their optimizer and EMA states.
+    autocast : None (plain float32) or "bfloat16": for models whose frozen weights are bf16.
+        The loss runs under ``torch.autocast`` in bf16, and the trainable parameters are kept
+        (made) float32, as are their optimizer and EMA states. (float16 would need loss scaling,
+        which this loop does not do.)
     """
 
     steps: int
@@ -79,10 +80,8 @@ class TrainConfig:
         if not isinstance(self.ckpt_every, int) or self.ckpt_every < 1:
             raise ValueError(f"ckpt_every: got {self.ckpt_every!r}; expected an int >= 1")
         self.betas = tuple(float(b) for b in self.betas)
-        if self.autocast not in (None, "bfloat16", "float16"):
-            raise ValueError(
-                f"autocast: got {self.autocast!r}; expected None, 'bfloat16' or 'float16'"
-            )
+        if self.autocast not in (None, "bfloat16"):
+            raise ValueError(f"autocast: got {self.autocast!r}; expected None or 'bfloat16'")
 
     def fingerprint(self) -> dict:
         """What must match for a checkpoint to be resumed (everything but steps / ckpt_every)."""
