@@ -276,23 +276,15 @@ def case_fusion(m, n, k, backends, device, quick, env) -> list[dict]:
     (:mod:`dcgen_quant.fusion`: one quantize_act and one [3n, k] GEMM)."""
     from dcgen_quant.nn import SVDQLinear
 
+    from .w4a4 import _set_random_, share_group_inputs_
+
     rows = []
-    g = torch.Generator(device="cpu").manual_seed(m + n + k)
-    x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
-    smooth = (torch.rand(k, generator=g) + 0.5).to(device, torch.bfloat16)
-    down = (torch.randn(k, RANK, generator=g) / k**0.5).to(device, torch.bfloat16)
-    layers = []
-    for _ in range(3):
-        layer = SVDQLinear(k, n, RANK, "int4", True, torch.bfloat16, device)
-        qw = quantize_weight((torch.randn(n, k, generator=g) / k**0.5).to(device), "int4",
-                             torch.bfloat16)  # fmt: skip
-        layer.qweight.copy_(qw.qweight)
-        layer.wscales.copy_(qw.wscales)
-        layer.smooth_factor.copy_(smooth)
-        layer.proj_down.copy_(down)
-        layer.proj_up.copy_((torch.randn(n, RANK, generator=g) / RANK**0.5).to(device))
-        layer.bias.copy_(torch.randn(n, generator=g).to(device))
-        layers.append(layer)
+    g = torch.Generator(device=device).manual_seed(m + n + k)
+    x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
+    layers = [SVDQLinear(k, n, RANK, "int4", True, torch.bfloat16, device) for _ in range(3)]
+    for layer in layers:
+        _set_random_(layer, (n, k), g)
+    share_group_inputs_(layers)
     shape = f"M={m} 3x(N={n}) K={k} r={RANK}"
     for name, module in backends.items():
         if isinstance(module, str):

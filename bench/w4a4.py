@@ -25,7 +25,7 @@ from torch import nn
 from dcgen_quant.formats import get_format, quantize_weight
 from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, W4A16Conv1x1, W4A16Linear
 
-__all__ = ["convert_to_w4a4", "BLOCK_PREFIXES", "MODULATION_SUFFIXES"]
+__all__ = ["convert_to_w4a4", "share_group_inputs_", "BLOCK_PREFIXES", "MODULATION_SUFFIXES"]
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 MODULATION_SUFFIXES = ("norm1.linear", "norm1_context.linear", "norm.linear")
@@ -119,6 +119,17 @@ def convert_to_w4a4(
     return counts
 
 
+@torch.no_grad()
+def share_group_inputs_(layers: list[SVDQLinear]) -> None:
+    """Give ``layers`` the first one's smoothing, down projection and tensor scale, as the
+    quantizer gives the members of a group that reads one input (so they can be fused)."""
+    for m in layers[1:]:
+        m.smooth_factor.copy_(layers[0].smooth_factor)
+        m.proj_down.copy_(layers[0].proj_down)
+        if m.wtscale is not None:
+            m.wtscale.copy_(layers[0].wtscale)
+
+
 def _fuse(model: nn.Module) -> int:
     """Share the input-side tensors within each q/k/v group, then fuse; returns the count."""
     from dcgen_quant.fusion import GROUPS, fuse_projections
@@ -126,11 +137,6 @@ def _fuse(model: nn.Module) -> int:
     for attn in model.modules():
         for _, members in GROUPS:
             layers = [getattr(attn, m, None) for m in members]
-            if not all(type(m) is SVDQLinear for m in layers):
-                continue
-            for m in layers[1:]:
-                m.smooth_factor.copy_(layers[0].smooth_factor)
-                m.proj_down.copy_(layers[0].proj_down)
-                if m.wtscale is not None:
-                    m.wtscale.copy_(layers[0].wtscale)
+            if all(type(m) is SVDQLinear for m in layers):
+                share_group_inputs_(layers)
     return sum(v == "fused" for v in fuse_projections(model).values())

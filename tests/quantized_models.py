@@ -11,6 +11,10 @@ from dcgen_quant.models.tiny import tiny_flux
 from dcgen_quant.nn import SVDQLinear, W4A16Linear
 from dcgen_quant.quantize.config import QuantConfig
 
+# A quantizer configuration that runs in seconds on tiny models (a 2-point smoothing grid, one
+# low-rank refinement, few tokens): for tests of plumbing, not of quantization quality.
+FAST_QUANT = {"smooth_grid": 2, "lowrank_iters": 1, "calib_tokens": 512, "search_tokens": 256}
+
 
 def fill_from_linear(layer, linear: nn.Linear, rank: int, g: torch.Generator) -> None:
     """Quantize ``linear.weight`` (round to nearest) into ``layer``; random low-rank factors."""

@@ -12,9 +12,7 @@ from dcgen_quant.nn import SVDQLinear
 from dcgen_quant.quantize import quantize_model
 from dcgen_quant.quantize.config import QuantConfig
 
-from .quantized_models import randomly_quantized_tiny_flux, tiny_flux_inputs
-
-CHEAP = {"smooth_grid": 2, "lowrank_iters": 1, "calib_tokens": 512, "search_tokens": 256}
+from .quantized_models import FAST_QUANT, randomly_quantized_tiny_flux, tiny_flux_inputs
 
 
 @pytest.fixture(scope="module", params=["int4", "nvfp4"])
@@ -23,7 +21,7 @@ def quantized(request):
     torch.manual_seed(0)
     model = tiny_flux(seed=1).eval()
     calib = synthetic_calibration(model, samples=2, steps=2, seed=1)
-    quantize_model(model, calib, QuantConfig(format=request.param, **CHEAP), progress=False)
+    quantize_model(model, calib, QuantConfig(format=request.param, **FAST_QUANT), progress=False)
     return request.param, model, tiny_flux_inputs(model, seed=3)
 
 

@@ -12,6 +12,7 @@ from dcgen_quant.adapt.flow import resolution_shift
 from dcgen_quant.adapt.sample import euler, sigma_schedule
 from dcgen_quant.models.tiny import tiny_flux, tiny_sana
 
+from ..quantized_models import FAST_QUANT
 from .helpers import run_cli
 
 
@@ -56,28 +57,23 @@ def _pixels(path):
     return np.asarray(Image.open(path))
 
 
+def _generate(capsys, model, out, *extra, ae=None, prompts=("a cat",), resolution=64):
+    """``python -m dcgen_quant generate`` in-process; returns (exit code, stderr)."""
+    argv = ["generate", "--model", str(model), "--out", str(out), "--resolution", str(resolution)]
+    argv += [a for p in prompts for a in ("--prompt", p)]
+    argv += ["--ae", str(ae)] if ae is not None else []
+    code, _, err = run_cli([*argv, *extra], capsys)
+    return code, err
+
+
 def test_generate_writes_deterministic_images(tiny_dirs, tmp_path, capsys):
-    args = [
-        "generate",
-        "--model",
-        str(tiny_dirs / "flux"),
-        "--ae",
-        str(tiny_dirs / "ae"),
-        "--prompt",
-        "a cat",
-        "--prompt",
-        "a dog",
-        "--resolution",
-        "64",
-        "--steps",
-        "4",
-    ]
-    code, out, err = run_cli([*args, "--out", str(tmp_path / "a")], capsys)
+    kw = {"ae": tiny_dirs / "ae", "prompts": ("a cat", "a dog")}
+    code, err = _generate(capsys, tiny_dirs / "flux", tmp_path / "a", "--steps", "4", **kw)
     assert code == 0, err
     assert "HashedText" in err  # no text encoders given: the stand-in, with a warning
     a0, a1 = _pixels(tmp_path / "a" / "0.png"), _pixels(tmp_path / "a" / "1.png")
     assert a0.shape == (64, 64, 3) and a0.std() > 0 and not np.array_equal(a0, a1)
-    code, _, err = run_cli([*args, "--out", str(tmp_path / "b")], capsys)
+    code, err = _generate(capsys, tiny_dirs / "flux", tmp_path / "b", "--steps", "4", **kw)
     assert code == 0, err
     assert np.array_equal(_pixels(tmp_path / "b" / "0.png"), a0)  # same seed, same image
 
@@ -89,18 +85,11 @@ def test_generate_from_a_quantized_checkpoint(tiny_dirs, tmp_path, capsys):
 
     model = tiny_flux(seed=0, in_channels=32).eval()
     calib = synthetic_calibration(model, samples=2, steps=2, seed=0)
-    cheap = QuantConfig(smooth_grid=2, lowrank_iters=1, calib_tokens=512, search_tokens=256)
-    quantize_model(model, calib, cheap, progress=False)
+    quantize_model(model, calib, QuantConfig(**FAST_QUANT), progress=False)
     save_quantized(model, tmp_path / "q.safetensors")
-    common = ["--prompt", "a cat", "--resolution", "64", "--steps", "4"]
-    code, _, err = run_cli(["generate", "--model", str(tmp_path / "q.safetensors"),
-                            "--ae", str(tiny_dirs / "ae"), "--out", str(tmp_path / "q"),
-                            *common], capsys)  # fmt: skip
-    assert code == 0, err
-    code, _, err = run_cli(["generate", "--model", str(tiny_dirs / "flux"), "--ae",
-                            str(tiny_dirs / "ae"), "--out", str(tmp_path / "f"), *common],
-                           capsys)  # fmt: skip
-    assert code == 0, err
+    for source, out in ((tmp_path / "q.safetensors", "q"), (tiny_dirs / "flux", "f")):
+        code, err = _generate(capsys, source, tmp_path / out, "--steps", "4", ae=tiny_dirs / "ae")
+        assert code == 0, err
     q = _pixels(tmp_path / "q" / "0.png").astype(float)
     f = _pixels(tmp_path / "f" / "0.png").astype(float)
     psnr = 10 * math.log10(255**2 / max(((q - f) ** 2).mean(), 1e-12))
@@ -109,10 +98,10 @@ def test_generate_from_a_quantized_checkpoint(tiny_dirs, tmp_path, capsys):
 
 
 def test_generate_sana_with_classifier_free_guidance(tiny_dirs, tmp_path, capsys):
-    code, _, err = run_cli(["generate", "--model", str(tiny_dirs / "sana"), "--ae",
-                            str(tiny_dirs / "ae_sana"), "--prompt", "a cat", "--resolution",
-                            "32", "--steps", "3", "--guidance", "4.5", "--out",
-                            str(tmp_path / "s")], capsys)  # fmt: skip
+    extra = ("--steps", "3", "--guidance", "4.5")
+    code, err = _generate(
+        capsys, tiny_dirs / "sana", tmp_path / "s", *extra, ae=tiny_dirs / "ae_sana", resolution=32
+    )
     assert code == 0, err
     assert _pixels(tmp_path / "s" / "0.png").shape == (32, 32, 3)
 
@@ -126,26 +115,11 @@ def test_generate_sana_with_classifier_free_guidance(tiny_dirs, tmp_path, capsys
     ],
 )
 def test_generate_errors_are_one_line(tiny_dirs, tmp_path, capsys, extra, message):
-    args = [
-        "generate",
-        "--model",
-        str(tiny_dirs / "flux"),
-        "--ae",
-        str(tiny_dirs / "ae"),
-        "--prompt",
-        "a cat",
-        "--resolution",
-        "64",
-        "--out",
-        str(tmp_path / "x"),
-        *extra,
-    ]
-    code, _, err = run_cli(args, capsys)
+    code, err = _generate(capsys, tiny_dirs / "flux", tmp_path / "x", *extra, ae=tiny_dirs / "ae")
     assert code == 2 and message in err, err
     assert not list(tmp_path.glob("x/*.png"))  # nothing written
 
 
 def test_generate_needs_an_autoencoder_for_a_bare_transformer(tiny_dirs, tmp_path, capsys):
-    code, _, err = run_cli(["generate", "--model", str(tiny_dirs / "flux"), "--prompt", "a",
-                            "--out", str(tmp_path / "x")], capsys)  # fmt: skip
+    code, err = _generate(capsys, tiny_dirs / "flux", tmp_path / "x")
     assert code == 2 and "--ae" in err, err

@@ -22,6 +22,8 @@ from dcgen_quant.quantize import quantize_model
 from dcgen_quant.quantize.config import QuantConfig
 from dcgen_quant.quantize.layer import QUANTIZED_TYPES
 
+from ..quantized_models import FAST_QUANT
+
 
 def peak_live_bytes(fn) -> int:
     """Peak of (bytes allocated - bytes freed) on the CPU while ``fn()`` runs."""
@@ -61,7 +63,7 @@ def working_memory(depth: int, config: QuantConfig) -> tuple[int, int]:
 
 def test_working_memory_does_not_grow_with_depth():
     torch.manual_seed(0)
-    config = QuantConfig(smooth_grid=2, lowrank_iters=1, calib_tokens=512, search_tokens=256)
+    config = QuantConfig(**FAST_QUANT)
     shallow, block_input = working_memory(1, config)
     deep, _ = working_memory(4, config)
     mib = {"1+1 blocks": shallow / 2**20, "4+4 blocks": deep / 2**20}
