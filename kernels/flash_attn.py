@@ -50,12 +50,7 @@ def _as_dot_operand(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
         return x.to(DTYPE)
 
 
-@triton.heuristics(
-    {
-        "EVEN_M": lambda a: a["S_q"] % a["BLOCK_M"] == 0,
-        "EVEN_N": lambda a: a["S_kv"] % a["BLOCK_N"] == 0,
-    }
-)
+@tuning.even_tiles(M="S_q", N="S_kv")
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
@@ -138,6 +133,20 @@ def _tuned(arch: str):
     )(_attention_kernel)
 
 
+def prepare(q, k, scale, name: str):
+    """The output and softmax scale of an attention call (shared with flash_attn_8bit).
+
+    Returns (o, scale): o [B, H, S_q, D] empty, contiguous, q.dtype; scale 1/sqrt(D) unless
+    given, or None when o is empty (nothing to compute). ValueError when k has no tokens.
+    """
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if o.numel() == 0:
+        return o, None
+    if k.shape[2] == 0:
+        raise ValueError(f"{name}: k and v have no tokens (S_kv = 0); softmax is undefined")
+    return o, 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+
+
 def attention(q, k, v, scale, interpret):
     """Launch flash attention (arguments as ``dcgen_quant.ops.attention``).
 
@@ -152,12 +161,9 @@ def attention(q, k, v, scale, interpret):
     """
     bsz, heads, s_q, d = q.shape
     s_kv = k.shape[2]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if o.numel() == 0:
+    o, scale = prepare(q, k, scale, "attention")
+    if scale is None:
         return o
-    if s_kv == 0:
-        raise ValueError("attention: k and v have no tokens (S_kv = 0); softmax is undefined")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     kernel, cfg = tuning.launch_plan(
         _attention_kernel, _tuned, tuning.ATTENTION_CONFIGS, tuning.prune_attention,
         {"o_ptr": o, "S_q": s_q, "HEAD_DIM": d}, q.device, interpret,

@@ -32,7 +32,6 @@ rounding uses numerics.round_to_e4m3 (the interpreter's float8 cast truncates).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -41,6 +40,7 @@ import triton.language as tl
 from dcgen_quant.capabilities import triton_interpret
 
 from . import tuning
+from .flash_attn import prepare
 from .numerics import cast_to, int_to_float, rint, round_to_e4m3, to_f32
 
 INTERPRETED = triton_interpret()  # how this module's kernels were built (jit vs interpreter)
@@ -60,6 +60,16 @@ def _to_e4m3(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(x_ptr, bh, H, rs, d, S, s_b, s_h, s_s, s_d, INTERPRET: tl.constexpr):
+    """Rows ``rs`` (all of head dim ``d``) of head ``bh`` = b * H + h of a strided
+    [B, H, S, D] tensor, as float32 [len(rs), len(d)]; rows >= S read as 0."""
+    base = x_ptr + (bh // H).to(tl.int64) * s_b + (bh % H).to(tl.int64) * s_h
+    x = tl.load(base + rs[:, None].to(tl.int64) * s_s + d[None, :] * s_d,
+                mask=(rs < S)[:, None], other=0.0)  # fmt: skip
+    return to_f32(x, INTERPRET)
+
+
+@triton.jit
 def _quantize_rows_int8_kernel(
     x_ptr, mean_ptr, out_ptr, scale_ptr,
     S, H, extra_scale,
@@ -68,17 +78,11 @@ def _quantize_rows_int8_kernel(
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     """x [B, H, S, D] -> out [B, H, S, D] int8 (contiguous), scale [B, H, S] float32."""
-    pid_s = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rs = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
     s_mask = rs < S
-    x_ptrs = x_ptr + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
-    x = tl.load(x_ptrs + rs[:, None].to(tl.int64) * sx_s + d[None, :] * sx_d,
-                mask=s_mask[:, None], other=0.0)  # fmt: skip
-    x = to_f32(x, INTERPRET)
+    x = _load_rows(x_ptr, bh, H, rs, d, S, sx_b, sx_h, sx_s, sx_d, INTERPRET)
     if CENTER:
         x = x - tl.load(mean_ptr + bh.to(tl.int64) * HEAD_DIM + d)[None, :]
     amax = tl.max(tl.abs(x), axis=1)
@@ -99,17 +103,11 @@ def _quantize_v_fp8_kernel(
 ):  # fmt: skip
     """(v [B, H, S, D] - vmean [B, H, D]) / vscale [B, H, D] -> out [B, H, S, D] float8 E4M3
     (contiguous)."""
-    pid_s = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rs = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
     s_mask = rs < S
-    v_ptrs = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
-    v = tl.load(v_ptrs + rs[:, None].to(tl.int64) * sv_s + d[None, :] * sv_d,
-                mask=s_mask[:, None], other=0.0)  # fmt: skip
-    v = to_f32(v, INTERPRET)
+    v = _load_rows(v_ptr, bh, H, rs, d, S, sv_b, sv_h, sv_s, sv_d, INTERPRET)
     sv = tl.load(vscale_ptr + bh.to(tl.int64) * HEAD_DIM + d)
     vm = tl.load(vmean_ptr + bh.to(tl.int64) * HEAD_DIM + d)
     row = bh.to(tl.int64) * S + rs
@@ -117,12 +115,7 @@ def _quantize_v_fp8_kernel(
     tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], v8, mask=s_mask[:, None])
 
 
-@triton.heuristics(
-    {
-        "EVEN_M": lambda a: a["S_q"] % a["BLOCK_M"] == 0,
-        "EVEN_N": lambda a: a["S_kv"] % a["BLOCK_N"] == 0,
-    }
-)
+@tuning.even_tiles(M="S_q", N="S_kv")
 @triton.jit
 def _attention_8bit_kernel(
     q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vmean_ptr, o_ptr,
@@ -242,12 +235,9 @@ def attention_8bit(q, k, v, scale, interpret):
     """
     bsz, heads, s_q, d = q.shape
     s_kv = k.shape[2]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if o.numel() == 0:
+    o, scale = prepare(q, k, scale, "attention_8bit")
+    if scale is None:
         return o
-    if s_kv == 0:
-        raise ValueError("attention_8bit: k and v have no tokens (S_kv = 0)")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q8, qs, k8, ks, v8, vs, v_mean = quantize_qkv(q, k, v, scale, interpret)
     kernel, cfg = tuning.launch_plan(
         _attention_8bit_kernel, _tuned, tuning.ATTENTION_CONFIGS, tuning.prune_attention,

@@ -37,12 +37,7 @@ from .numerics import int4_high, int4_low, int_to_float, to_f32
 INTERPRETED = triton_interpret()  # how this module's kernels were built (jit vs interpreter)
 
 
-@triton.heuristics(
-    {
-        "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
-        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
-    }
-)
+@tuning.even_tiles(M="M", N="N")
 @triton.jit
 def _gemm_w4a4_int4_kernel(
     q_ptr, scales_ptr, w_ptr, wscales_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,

@@ -50,13 +50,7 @@ def _upcast(nibbles, scale, INTERPRET: tl.constexpr):
         return v.to(tl.bfloat16)
 
 
-@triton.heuristics(
-    {
-        "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
-        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
-        "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
-    }
-)
+@tuning.even_tiles(M="M", N="N", K="K")
 @triton.jit
 def _gemm_w4a4_nvfp4_kernel(
     q_ptr, scales_ptr, w_ptr, wscales_ptr, la_ptr, up_ptr, bias_ptr, wtscale_ptr, y_ptr,

@@ -55,13 +55,7 @@ def _dot(a, b, acc, X_DTYPE: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-@triton.heuristics(
-    {
-        "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
-        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
-        "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
-    }
-)
+@tuning.even_tiles(M="M", N="N", K="K")
 @triton.jit
 def _gemm_w4a16_kernel(
     x_ptr, w_ptr, wscales_ptr, bias_ptr, wtscale_ptr, y_ptr,

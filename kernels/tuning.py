@@ -109,6 +109,17 @@ def _prune(configs, estimate, smem_limit, m, n, bm="BLOCK_M", bn="BLOCK_N"):
     return fit or [min(kept, key=lambda c: c.kwargs.get(bm, 0) * c.kwargs.get(bn, 1))]
 
 
+def even_tiles(**sizes: str):
+    """``triton.heuristics`` setting ``EVEN_X`` = (size argument % ``BLOCK_X`` == 0) for each
+    ``X=size argument`` given, e.g. ``even_tiles(M="M", N="N")``: the kernels skip the bounds
+    masks of dimensions their tiles divide evenly."""
+
+    def rule(x, size):
+        return lambda a: a[size] % a[f"BLOCK_{x}"] == 0
+
+    return triton.heuristics({f"EVEN_{x}": rule(x, size) for x, size in sizes.items()})
+
+
 def _cfg(num_warps, num_stages, **kwargs):
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 

@@ -37,6 +37,20 @@ dcgq_status check_k(const char* fn, dcgq_format fmt, int64_t k) {
   return DCGQ_SUCCESS;
 }
 
+// A size that the kernels index with 32-bit ints: 0 <= value < 2^31.
+dcgq_status check_dim(const char* fn, const char* name, int64_t value) {
+  DCGQ_CHECK_ARG(value >= 0 && value < (int64_t(1) << 31), "%s: %s = %lld; expected 0 <= %s < 2^31",
+                 fn, name, (long long)value, name);
+  return DCGQ_SUCCESS;
+}
+
+dcgq_status check_16bit(const char* fn, const char* name, dcgq_dtype dtype) {
+  DCGQ_CHECK_ARG(is_16bit(dtype),
+                 "%s: %s = %d; expected DCGQ_DTYPE_BFLOAT16 (2) or DCGQ_DTYPE_FLOAT16 (1)", fn,
+                 name, int(dtype));
+  return DCGQ_SUCCESS;
+}
+
 // Row stride `ld` of a tensor with `cols` columns: at least cols, and a multiple of `multiple`.
 dcgq_status check_ld(const char* fn, const char* name, int64_t ld, int64_t cols, int multiple) {
   DCGQ_CHECK_ARG(ld >= cols, "%s: %s = %lld is smaller than the row length %lld", fn, name,
@@ -64,11 +78,8 @@ dcgq_status current_capability(const char* fn, int* major, int* minor) {
 dcgq_status validate_quantize_act(const char* fn, const dcgq_quantize_act_args* a, bool device) {
   DCGQ_CHECK_ARG(a != nullptr, "%s: argument 'args' is NULL", fn);
   DCGQ_RETURN_IF_ERROR(check_enums(fn, a->fmt, a->layout));
-  DCGQ_CHECK_ARG(is_16bit(a->x_dtype),
-                 "%s: x_dtype = %d; expected DCGQ_DTYPE_BFLOAT16 (2) or DCGQ_DTYPE_FLOAT16 (1)", fn,
-                 int(a->x_dtype));
-  DCGQ_CHECK_ARG(a->m >= 0 && a->m < (int64_t(1) << 31), "%s: m = %lld; expected 0 <= m < 2^31", fn,
-                 (long long)a->m);
+  DCGQ_RETURN_IF_ERROR(check_16bit(fn, "x_dtype", a->x_dtype));
+  DCGQ_RETURN_IF_ERROR(check_dim(fn, "m", a->m));
   DCGQ_RETURN_IF_ERROR(check_k(fn, a->fmt, a->k));
   DCGQ_CHECK_ARG(a->rank >= 0 && a->rank <= 128, "%s: rank = %lld; expected 0 <= rank <= 128", fn,
                  (long long)a->rank);
@@ -115,17 +126,13 @@ dcgq_status validate_gemm_w4a4(const char* fn, const dcgq_gemm_w4a4_args* a) {
                    "%s: scale_dtype = %d; NVFP4 scales must be DCGQ_DTYPE_FLOAT8_E4M3 (3)", fn,
                    int(a->scale_dtype));
   }
-  DCGQ_CHECK_ARG(is_16bit(a->io_dtype),
-                 "%s: io_dtype = %d; expected DCGQ_DTYPE_BFLOAT16 (2) or DCGQ_DTYPE_FLOAT16 (1)",
-                 fn, int(a->io_dtype));
+  DCGQ_RETURN_IF_ERROR(check_16bit(fn, "io_dtype", a->io_dtype));
   DCGQ_CHECK_ARG(is_16bit(a->out_dtype) || a->out_dtype == DCGQ_DTYPE_FLOAT32,
                  "%s: out_dtype = %d; expected DCGQ_DTYPE_BFLOAT16 (2), DCGQ_DTYPE_FLOAT16 (1) "
                  "or DCGQ_DTYPE_FLOAT32 (0)",
                  fn, int(a->out_dtype));
-  DCGQ_CHECK_ARG(a->m >= 0 && a->m < (int64_t(1) << 31), "%s: m = %lld; expected 0 <= m < 2^31", fn,
-                 (long long)a->m);
-  DCGQ_CHECK_ARG(a->n >= 0 && a->n < (int64_t(1) << 31), "%s: n = %lld; expected 0 <= n < 2^31", fn,
-                 (long long)a->n);
+  DCGQ_RETURN_IF_ERROR(check_dim(fn, "m", a->m));
+  DCGQ_RETURN_IF_ERROR(check_dim(fn, "n", a->n));
   DCGQ_RETURN_IF_ERROR(check_k(fn, a->fmt, a->k));
   DCGQ_CHECK_ARG(a->rank >= 0 && a->rank <= 4096, "%s: rank = %lld; expected 0 <= rank <= 4096", fn,
                  (long long)a->rank);
@@ -163,13 +170,9 @@ dcgq_status validate_gemm_w4a4(const char* fn, const dcgq_gemm_w4a4_args* a) {
 dcgq_status validate_gemm_w4a16(const char* fn, const dcgq_gemm_w4a16_args* a) {
   DCGQ_CHECK_ARG(a != nullptr, "%s: argument 'args' is NULL", fn);
   DCGQ_RETURN_IF_ERROR(check_enums(fn, a->fmt, a->layout));
-  DCGQ_CHECK_ARG(is_16bit(a->x_dtype),
-                 "%s: x_dtype = %d; expected DCGQ_DTYPE_BFLOAT16 (2) or DCGQ_DTYPE_FLOAT16 (1)", fn,
-                 int(a->x_dtype));
-  DCGQ_CHECK_ARG(a->m >= 0 && a->m < (int64_t(1) << 31), "%s: m = %lld; expected 0 <= m < 2^31", fn,
-                 (long long)a->m);
-  DCGQ_CHECK_ARG(a->n >= 0 && a->n < (int64_t(1) << 31), "%s: n = %lld; expected 0 <= n < 2^31", fn,
-                 (long long)a->n);
+  DCGQ_RETURN_IF_ERROR(check_16bit(fn, "x_dtype", a->x_dtype));
+  DCGQ_RETURN_IF_ERROR(check_dim(fn, "m", a->m));
+  DCGQ_RETURN_IF_ERROR(check_dim(fn, "n", a->n));
   DCGQ_RETURN_IF_ERROR(check_k(fn, a->fmt, a->k));
   if (a->fmt == DCGQ_FORMAT_NVFP4) DCGQ_CHECK_NOT_NULL(fn, "wtscale", a->wtscale);
   if (a->m == 0 || a->n == 0) return DCGQ_SUCCESS;

@@ -137,48 +137,20 @@ def test_ema_weights_are_the_result(hooks):
 
 def test_checkpoint_errors(tmp_path):
     model, params, fn = problem()
-    train(
-        "t", params, fn, TrainConfig(steps=2, lr=1e-3), ckpt_path=tmp_path / "c.pt", progress=False
-    )
+
+    def run(name="t", steps=4, lr=1e-3, resume=True):
+        cfg = TrainConfig(steps=steps, lr=lr)
+        train(name, params, fn, cfg, ckpt_path=tmp_path / "c.pt", resume=resume, progress=False)
+
+    run(steps=2, resume=False)
     with pytest.raises(FileExistsError, match="resume=True"):
-        train(
-            "t",
-            params,
-            fn,
-            TrainConfig(steps=4, lr=1e-3),
-            ckpt_path=tmp_path / "c.pt",
-            progress=False,
-        )
+        run(resume=False)
     with pytest.raises(ValueError, match="'lr': \\(0.001, 0.01\\)"):
-        train(
-            "t",
-            params,
-            fn,
-            TrainConfig(steps=4, lr=1e-2),
-            ckpt_path=tmp_path / "c.pt",
-            resume=True,
-            progress=False,
-        )
+        run(lr=1e-2)
     with pytest.raises(ValueError, match="expected 'u'"):
-        train(
-            "u",
-            params,
-            fn,
-            TrainConfig(steps=4, lr=1e-3),
-            ckpt_path=tmp_path / "c.pt",
-            resume=True,
-            progress=False,
-        )
+        run(name="u")
     with pytest.raises(ValueError, match="already done 2 steps"):
-        train(
-            "t",
-            params,
-            fn,
-            TrainConfig(steps=1, lr=1e-3),
-            ckpt_path=tmp_path / "c.pt",
-            resume=True,
-            progress=False,
-        )
+        run(steps=1)
 
 
 def test_non_finite_loss_is_an_error():

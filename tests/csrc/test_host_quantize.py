@@ -120,5 +120,8 @@ def test_host_quantizer_rejects_bad_arguments(backend):
     )
     status = _C.quantize_act_host(fmt=_C.FORMAT_INT4, m=2, k=64, x_dtype=_C.DTYPE_FLOAT32)
     assert status == _C.ERROR_INVALID_ARGUMENT and "x_dtype = 0" in _C.last_error_message()
+    status = _C.quantize_act_host(fmt=_C.FORMAT_INT4, m=-1, k=64, x_dtype=_C.DTYPE_BFLOAT16)
+    assert status == _C.ERROR_INVALID_ARGUMENT
+    assert "m = -1; expected 0 <= m < 2^31" in _C.last_error_message()
     with pytest.raises(ValueError, match="unknown argument"):
         _C.quantize_act_host(fmt=0, m=1, k=64, not_a_field=1)

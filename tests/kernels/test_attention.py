@@ -140,3 +140,12 @@ def test_attention_8bit_rejects_float32(device):
     q = torch.zeros(1, 1, 4, 64, device=device)
     with pytest.raises(ops.BackendUnsupported, match="float32"):
         kernels.attention_8bit(q, q, q)
+
+
+@pytest.mark.parametrize("name", ["attention", "attention_8bit"])
+def test_attention_without_keys_is_an_error_and_no_queries_is_empty(name):
+    q, k, v = qkv(1, 2, 5, 0, 64, torch.bfloat16, seed=0)
+    with pytest.raises(ValueError, match=f"{name}: k and v have no tokens"):
+        getattr(kernels, name)(q, k, v, None)
+    q0, k1, v1 = qkv(1, 2, 0, 3, 64, torch.bfloat16, seed=0)
+    assert getattr(kernels, name)(q0, k1, v1, None).shape == (1, 2, 0, 64)
