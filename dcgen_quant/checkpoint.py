@@ -225,6 +225,13 @@ def save_quantized(
 # read + validate
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` looks like a checkpoint :func:`save_quantized` writes: a
+    ``.safetensors`` file or a directory with the shard index (not validated here)."""
+    path = Path(path)
+    return (path.is_file() and path.suffix == ".safetensors") or (path / INDEX_NAME).is_file()
+
+
 class _Reader:
     """Uniform access to a single-file or sharded checkpoint."""
 
@@ -258,11 +265,16 @@ class _Reader:
             handle = _open(file)
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 try:
-                    yield key, handle.get_tensor(key)
+                    t = handle.get_tensor(key)
                 except Exception as exc:  # safetensors raises its own error types
                     raise CheckpointError(
                         f"cannot read tensor {key!r} from {file}: {exc}"
                     ) from None
+                # safetensors hands out tensors 16 bytes off the 64-byte alignment of torch's
+                # own allocations; MKL / oneDNN take other code paths for them and round
+                # differently, so a loaded model would not reproduce the saved one's outputs bit
+                # for bit. A copy is aligned.
+                yield key, (t.clone() if t.data_ptr() % 64 else t)
 
 
 def _open(file: Path):
@@ -464,10 +476,7 @@ def load_quantized(
     for key, t in reader.tensors():
         want = expected.get(key, (tuple(reference[key].shape), t.dtype))
         _validate_tensor(key, t, want, meta["checksums"], verify)
-        # safetensors hands out tensors 16 bytes off the 64-byte alignment of torch's own
-        # allocations; MKL / oneDNN take other code paths for them and round differently, so a
-        # loaded model would not reproduce the saved one's outputs bit for bit. A copy is aligned.
-        state[key] = t.clone() if t.data_ptr() % 64 else t
+        state[key] = t
     model.load_state_dict(state, strict=True, assign=True)
     if on_meta := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
         raise CheckpointError(f"tensor {on_meta[0]!r} was not loaded (still on the meta device)")

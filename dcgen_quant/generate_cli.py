@@ -41,19 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default on cuda, float32 on cpu (16-bit models)")  # fmt: skip
 
 
-def _is_checkpoint(path: Path) -> bool:
-    from .checkpoint import INDEX_NAME
-
-    return (path.is_file() and path.suffix == ".safetensors") or (path / INDEX_NAME).is_file()
-
-
 def load_transformer(path: Path, device, dtype):
     """(transformer, default autoencoder dir or None, pipeline dir with text encoders or None)."""
     from .adapt.runner import load_base
+    from .checkpoint import is_checkpoint, load_quantized
 
-    if _is_checkpoint(path):
-        from .checkpoint import load_quantized
-
+    if is_checkpoint(path):
         model = load_quantized(path, device=device, fuse=True)
         return model, None, None
     model, vae_dir, pipeline_cls = load_base(path)

@@ -191,7 +191,7 @@ class SVDQLinear(_QuantizedWeightMixin):
             first.fmt,
             first.bias is not None,
             first.dtype,
-            first.qweight.device,
+            "meta",  # every buffer is assigned below: allocate nothing twice
         )
         out.layout = first.layout  # rows are output channels: any nibble layout concatenates
         out.qweight = torch.cat([m.qweight for m in layers], dim=0)
@@ -238,11 +238,10 @@ class SVDQLinear(_QuantizedWeightMixin):
             "proj_up": self.proj_up.split(sizes, dim=0),
             "bias": self.bias.split(sizes, dim=0) if self.bias is not None else [None] * len(sizes),
         }
-        dev = self.qweight.device
         out = []
         for i, n in enumerate(sizes):
-            m = SVDQLinear(
-                self.in_features, n, self.rank, self.fmt, self.bias is not None, self.dtype, dev
+            m = SVDQLinear(  # on meta: every buffer is assigned below
+                self.in_features, n, self.rank, self.fmt, self.bias is not None, self.dtype, "meta"
             )
             m.layout = self.layout
             for name, parts in pieces.items():
