@@ -182,9 +182,15 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def quantize_act(x, smooth, lora_down, fmt, layout=CANONICAL):
+def _check_signed(act_unsigned: bool) -> None:
+    if act_unsigned:
+        raise _unsupported("the CUDA kernels do not read unsigned activations yet")
+
+
+def quantize_act(x, smooth, lora_down, fmt, layout=CANONICAL, act_unsigned=False):
     """Backend of ``dcgen_quant.ops.quantize_act`` (same arguments and results)."""
     lib = _lib()
+    _check_signed(act_unsigned)
     layout_code = _check_call(lib, lib.OP_QUANTIZE_ACT, fmt, layout, x.device)
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise _unsupported(f"x has dtype {x.dtype}; the CUDA kernels take bfloat16 or float16")
@@ -242,10 +248,12 @@ def _one_dtype(tensors: dict, what: str) -> torch.dtype | None:
 
 
 def gemm_w4a4(
-    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout=CANONICAL
-):
+    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype,
+    layout=CANONICAL, act_unsigned=False,
+):  # fmt: skip
     """Backend of ``dcgen_quant.ops.gemm_w4a4`` (same arguments and result)."""
     lib = _lib()
+    _check_signed(act_unsigned)
     layout_code = _check_call(lib, lib.OP_GEMM_W4A4, fmt, layout, q.device)
     spec = get_format(fmt)
     m, n, k = q.shape[0], qweight.shape[0], q.shape[1] * 2

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .formats import QuantizedWeight, dequantize_weight, get_format
+from .formats import QuantizedWeight, check_unsigned, dequantize_weight, get_format
 from .formats.layouts import CANONICAL, from_layout, get_layout, to_layout
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16, torch.float32)
@@ -125,6 +125,11 @@ class SVDQLinear(_QuantizedWeightMixin):
     (``qweight``/``wscales``/``wtscale``) of the smoothed weight ``W * smooth_factor``, and
     ``proj_down`` already contains the division by ``smooth_factor``.
 
+    With ``act_unsigned`` (INT4 only; layers whose input is a GELU output), ``Q`` quantizes
+    ``(x + UNSIGNED_ACT_SHIFT) / smooth_factor`` to unsigned codes 0..15, and ``bias`` holds the
+    original bias minus the shift's contribution ``UNSIGNED_ACT_SHIFT * sum_k R_q[n, k] /
+    smooth_factor[k]`` (the quantizer folds it in), so that ``y`` still approximates ``x W^T + b``.
+
     Buffers
     -------
     qweight : [N, K/2] uint8          wscales : [K/G, N] dtype (INT4) / float8_e4m3fn (NVFP4)
@@ -142,12 +147,15 @@ class SVDQLinear(_QuantizedWeightMixin):
         bias: bool = True,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        act_unsigned: bool = False,
     ):
         super().__init__()
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
+        check_unsigned(fmt, act_unsigned)
         self._init_weight_buffers(in_features, out_features, fmt, bias, dtype, device)
         self.rank = rank
+        self.act_unsigned = bool(act_unsigned)
         self.register_buffer("smooth_factor", torch.ones(in_features, dtype=dtype, device=device))
         self.register_buffer(
             "proj_down", torch.zeros(in_features, rank, dtype=dtype, device=device)
@@ -162,11 +170,11 @@ class SVDQLinear(_QuantizedWeightMixin):
         """x [..., K] -> y [..., N] (in x's dtype; computed in the layer's dtype)."""
         flat = self._flatten(x).to(self.dtype)
         q, scales, lora_act = ops.quantize_act(
-            flat, self.smooth_factor, self.proj_down, self.fmt, self.layout
+            flat, self.smooth_factor, self.proj_down, self.fmt, self.layout, self.act_unsigned
         )
         y = ops.gemm_w4a4(
             q, scales, self.qweight, self.wscales, lora_act, self.proj_up, self.bias,
-            self.wtscale, self.fmt, self.dtype, self.layout,
+            self.wtscale, self.fmt, self.dtype, self.layout, self.act_unsigned,
         )  # fmt: skip
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -192,6 +200,7 @@ class SVDQLinear(_QuantizedWeightMixin):
             first.bias is not None,
             first.dtype,
             "meta",  # every buffer is assigned below: allocate nothing twice
+            first.act_unsigned,
         )
         out.layout = first.layout  # rows are output channels: any nibble layout concatenates
         out.qweight = torch.cat([m.qweight for m in layers], dim=0)
@@ -213,7 +222,7 @@ class SVDQLinear(_QuantizedWeightMixin):
             return "needs two or more SVDQLinear layers"
         first = layers[0]
         for i, m in enumerate(layers[1:], 1):
-            for attr in ("in_features", "fmt", "rank", "dtype", "layout"):
+            for attr in ("in_features", "fmt", "rank", "dtype", "layout", "act_unsigned"):
                 if getattr(m, attr) != getattr(first, attr):
                     return (
                         f"layer {i} has {attr}={getattr(m, attr)!r}, layer 0 "
@@ -241,8 +250,9 @@ class SVDQLinear(_QuantizedWeightMixin):
         out = []
         for i, n in enumerate(sizes):
             m = SVDQLinear(  # on meta: every buffer is assigned below
-                self.in_features, n, self.rank, self.fmt, self.bias is not None, self.dtype, "meta"
-            )
+                self.in_features, n, self.rank, self.fmt, self.bias is not None, self.dtype, "meta",
+                self.act_unsigned,
+            )  # fmt: skip
             m.layout = self.layout
             for name, parts in pieces.items():
                 if parts[i] is not None:
@@ -258,6 +268,7 @@ class SVDQLinear(_QuantizedWeightMixin):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"fmt={self.fmt}, bias={self.bias is not None}, dtype={self.dtype}"
+            + (", act_unsigned=True" if self.act_unsigned else "")
         )
 
 

@@ -15,10 +15,11 @@ that cannot serve a particular call (format, dtype, GPU) raises :class:`BackendU
 
 Shapes (M tokens, K input features, N output features, r rank, G group size of ``fmt``)::
 
-    quantize_act(x[M,K], smooth[K]?, lora_down[K,r]?, fmt, layout)
+    quantize_act(x[M,K], smooth[K]?, lora_down[K,r]?, fmt, layout, act_unsigned)
         -> q[M,K/2] uint8, scales[M,K/G], lora_act[M,r] float32
     gemm_w4a4(q[M,K/2], scales[M,K/G], qweight[N,K/2], wscales[K/G,N], lora_act[M,r]?,
-              proj_up[N,r]?, bias[N]?, wtscale[]?, fmt, out_dtype, layout) -> y[M,N]
+              proj_up[N,r]?, bias[N]?, wtscale[]?, fmt, out_dtype, layout, act_unsigned)
+        -> y[M,N]
     gemm_w4a16(x[M,K], qweight[N,K/2], wscales[K/G,N], bias[N]?, wtscale[]?, fmt, layout)
         -> y[M,N]
     attention(q[B,H,S,D], k[B,H,S,D], v[B,H,S,D], scale?) -> o[B,H,S,D]
@@ -26,6 +27,11 @@ Shapes (M tokens, K input features, N output features, r rank, G group size of `
 ``layout`` (default ``"canonical"``) names the nibble order of the packed tensors q and qweight
 (:mod:`dcgen_quant.formats.layouts`); the reference accepts every registered layout, a kernel
 backend raises BackendUnsupported for layouts it does not read.
+
+``act_unsigned`` (default False, INT4 only) selects unsigned activation codes: quantize_act
+quantizes ``(x + UNSIGNED_ACT_SHIFT) / smooth`` to codes 0..15 (formats/int4.py), and gemm_w4a4
+reads q as unsigned. The shift's contribution ``UNSIGNED_ACT_SHIFT * sum_k W[n, k]`` is part of
+the GEMM's result; the quantizer folds its negative into the layer's bias.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from torch import Tensor
 
 from . import capabilities
 from .formats import (
+    UNSIGNED_ACT_SHIFT,
+    check_unsigned,
     dequantize_activation,
     get_format,
     quantize_int4,
@@ -188,9 +196,12 @@ def _expect_dtype(t: Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> Non
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of {allowed}")
 
 
-def _check_quantize_act(x: Tensor, smooth, lora_down, fmt: str, layout: str) -> int:
+def _check_quantize_act(
+    x: Tensor, smooth, lora_down, fmt: str, layout: str, act_unsigned: bool = False
+) -> int:
     group = get_format(fmt).group_size
     get_layout(layout)
+    check_unsigned(fmt, act_unsigned)
     _expect(x.dim() == 2, f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     _expect_dtype(x, "x", _ACT_DTYPES)
     k = x.shape[1]
@@ -208,10 +219,12 @@ def _check_quantize_act(x: Tensor, smooth, lora_down, fmt: str, layout: str) -> 
 
 
 def _check_gemm_w4a4(
-    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout
-):
+    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout,
+    act_unsigned=False,
+):  # fmt: skip
     group = get_format(fmt).group_size
     get_layout(layout)
+    check_unsigned(fmt, act_unsigned)
     _expect(
         q.dim() == 2 and q.dtype == torch.uint8,
         f"q must be uint8 [M, K/2], got {q.dtype} {tuple(q.shape)}",
@@ -305,15 +318,19 @@ def _check_attention(q, k, v):
 # reference implementations (pure torch; float32 arithmetic)
 
 
-def quantize_act_reference(x, smooth, lora_down, fmt, layout=CANONICAL):
-    """Reference of ``quantize_act``: smoothing division, per-token per-group quantization
-    (the bit-exact contract of dcgen_quant.formats, in float32), and ``lora_act = x @ lora_down``
-    on the *unsmoothed* x (checkpoints fold the smoothing into ``proj_down``)."""
+def quantize_act_reference(x, smooth, lora_down, fmt, layout=CANONICAL, act_unsigned=False):
+    """Reference of ``quantize_act``: (shift and) smoothing division, per-token per-group
+    quantization (the bit-exact contract of dcgen_quant.formats, in float32), and
+    ``lora_act = x @ lora_down`` on the *unsmoothed, unshifted* x (checkpoints fold the smoothing
+    into ``proj_down``)."""
     spec = get_format(fmt)
     xf = x.float()
-    xs = xf / smooth.float() if smooth is not None else xf
+    xq = xf + UNSIGNED_ACT_SHIFT if act_unsigned else xf
+    xs = xq / smooth.float() if smooth is not None else xq
     if spec.name == "int4":
-        codes, scales = quantize_int4(xs, spec.group_size, x.dtype, check_finite=False)
+        codes, scales = quantize_int4(
+            xs, spec.group_size, x.dtype, act_unsigned, check_finite=False
+        )
     else:
         codes, scales, _ = quantize_nvfp4(xs, spec.group_size, False, check_finite=False)
     q = to_layout(_packing.pack_nibbles(codes), layout, fmt)
@@ -333,11 +350,12 @@ def _dequantize_weight_no_tensor_scale(qweight, wscales, fmt):
 
 
 def gemm_w4a4_reference(
-    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout=CANONICAL
-):
+    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype,
+    layout=CANONICAL, act_unsigned=False,
+):  # fmt: skip
     """Reference of ``gemm_w4a4``: exact dequantization of both operands to float32, one float32
     matmul, the NVFP4 tensor scale on the product, then low-rank branch, bias and cast."""
-    a = dequantize_activation(from_layout(q, layout, fmt), scales, fmt)
+    a = dequantize_activation(from_layout(q, layout, fmt), scales, fmt, act_unsigned)
     w = _dequantize_weight_no_tensor_scale(from_layout(qweight, layout, fmt), wscales, fmt)
     y = a @ w.t()
     if wtscale is not None:
@@ -388,6 +406,7 @@ def quantize_act(
     lora_down: Tensor | None,
     fmt: str,
     layout: str = CANONICAL,
+    act_unsigned: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Smooth, quantize to 4 bits per token and group, and project onto the low-rank branch.
 
@@ -398,19 +417,21 @@ def quantize_act(
     lora_down : Tensor [K, r], optional; applied to the unsmoothed x
     fmt : "int4" | "nvfp4"
     layout : nibble order of q (formats/layouts.py)
+    act_unsigned : INT4 only: quantize ``x + UNSIGNED_ACT_SHIFT`` to unsigned codes 0..15
 
     Returns
     -------
     q : Tensor [M, K/2] uint8; scales : Tensor [M, K/G] (x.dtype for INT4, float8_e4m3fn for
     NVFP4); lora_act : Tensor [M, r] float32 ([M, 0] without lora_down)
     """
-    _check_quantize_act(x, smooth, lora_down, fmt, layout)
-    return _dispatch("quantize_act", x.device, x, smooth, lora_down, fmt, layout)
+    _check_quantize_act(x, smooth, lora_down, fmt, layout, act_unsigned)
+    args = (x, smooth, lora_down, fmt, layout, act_unsigned)
+    return _dispatch("quantize_act", x.device, *args)
 
 
 @quantize_act.register_fake
-def _(x, smooth, lora_down, fmt, layout=CANONICAL):
-    r = _check_quantize_act(x, smooth, lora_down, fmt, layout)
+def _(x, smooth, lora_down, fmt, layout=CANONICAL, act_unsigned=False):
+    r = _check_quantize_act(x, smooth, lora_down, fmt, layout, act_unsigned)
     spec = get_format(fmt)
     m, k = x.shape
     scale_dtype = torch.float8_e4m3fn if spec.name == "nvfp4" else x.dtype
@@ -434,6 +455,7 @@ def gemm_w4a4(
     fmt: str,
     out_dtype: torch.dtype,
     layout: str = CANONICAL,
+    act_unsigned: bool = False,
 ) -> Tensor:
     """4-bit activations times 4-bit weights with the low-rank branch, bias and cast fused.
 
@@ -447,23 +469,29 @@ def gemm_w4a4(
     bias : Tensor [N], optional; wtscale : Tensor [] float32 (NVFP4 only)
     fmt : "int4" | "nvfp4"; out_dtype : dtype of y
     layout : nibble order of q and qweight (formats/layouts.py)
+    act_unsigned : INT4 only: q holds unsigned codes 0..15 (``quantize_act(act_unsigned=True)``)
 
     Returns
     -------
     y : Tensor [M, N], ``out_dtype``
     """
-    args = (q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout)
+    args = (
+        q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout,
+        act_unsigned,
+    )  # fmt: skip
     _check_gemm_w4a4(*args)
     return _dispatch("gemm_w4a4", q.device, *args)
 
 
 @gemm_w4a4.register_fake
 def _(
-    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout=CANONICAL
-):
+    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype,
+    layout=CANONICAL, act_unsigned=False,
+):  # fmt: skip
     m, n, _ = _check_gemm_w4a4(
-        q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout
-    )
+        q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout,
+        act_unsigned,
+    )  # fmt: skip
     return q.new_empty((m, n), dtype=out_dtype)
 
 

@@ -151,13 +151,21 @@ def _check_rank(op: str, r: int) -> None:
         raise BackendUnsupported(f"{op}: rank r={r} exceeds the Triton kernels' limit {MAX_RANK}")
 
 
-def quantize_act(x, smooth, lora_down, fmt, layout=CANONICAL):
+def _check_signed(op: str, act_unsigned: bool) -> None:
+    from dcgen_quant.ops import BackendUnsupported
+
+    if act_unsigned:
+        raise BackendUnsupported(f"{op}: the Triton kernels do not read unsigned activations yet")
+
+
+def quantize_act(x, smooth, lora_down, fmt, layout=CANONICAL, act_unsigned=False):
     """Triton ``dcgen_quant::quantize_act``: see :func:`dcgen_quant.ops.quantize_act`.
 
     Parameters
     ----------
     x : Tensor [M, K] bfloat16 / float16 / float32; smooth : Tensor [K] or None;
-    lora_down : Tensor [K, r] or None; fmt : "int4" | "nvfp4"; layout : nibble order of q
+    lora_down : Tensor [K, r] or None; fmt : "int4" | "nvfp4"; layout : nibble order of q;
+    act_unsigned : bool (INT4 only), see the op
 
     Returns
     -------
@@ -165,6 +173,7 @@ def quantize_act(x, smooth, lora_down, fmt, layout=CANONICAL):
     """
     interpret = _check_devices("quantize_act", x, smooth, lora_down)
     _check_layout("quantize_act", layout)
+    _check_signed("quantize_act", act_unsigned)
     if lora_down is not None:
         _check_rank("quantize_act", lora_down.shape[1])
     module = _kernel_module("act_quant")
@@ -172,8 +181,9 @@ def quantize_act(x, smooth, lora_down, fmt, layout=CANONICAL):
 
 
 def gemm_w4a4(
-    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype, layout=CANONICAL
-):
+    q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale, fmt, out_dtype,
+    layout=CANONICAL, act_unsigned=False,
+):  # fmt: skip
     """Triton ``dcgen_quant::gemm_w4a4``: see :func:`dcgen_quant.ops.gemm_w4a4`.
 
     Parameters
@@ -181,7 +191,8 @@ def gemm_w4a4(
     q : Tensor [M, K/2] uint8; scales : Tensor [M, K/G]; qweight : Tensor [N, K/2] uint8;
     wscales : Tensor [K/G, N]; lora_act : Tensor [M, r] float32 or None; proj_up : Tensor [N, r]
     or None; bias : Tensor [N] or None; wtscale : Tensor [] float32 (NVFP4) or None;
-    fmt : "int4" | "nvfp4"; out_dtype : torch.dtype; layout : nibble order of q and qweight
+    fmt : "int4" | "nvfp4"; out_dtype : torch.dtype; layout : nibble order of q and qweight;
+    act_unsigned : bool (INT4 only), q holds codes 0..15
 
     Returns
     -------
@@ -191,6 +202,7 @@ def gemm_w4a4(
         "gemm_w4a4", q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale
     )
     _check_layout("gemm_w4a4", layout)
+    _check_signed("gemm_w4a4", act_unsigned)
     if lora_act is not None:
         _check_rank("gemm_w4a4", lora_act.shape[1])
     if get_format(fmt).name == "int4":

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from dcgen_quant import ops
-from dcgen_quant.formats import dequantize_activation, dequantize_weight, quantize_weight
+from dcgen_quant.formats import (
+    UNSIGNED_ACT_SHIFT,
+    dequantize_activation,
+    dequantize_weight,
+    quantize_int4,
+    quantize_weight,
+)
+from dcgen_quant.formats.packing import pack_nibbles
 
 FMTS = ["int4", "nvfp4"]
 
@@ -58,6 +65,68 @@ OPCHECK_WITHOUT_SCHEMA = (
 
 def _is_fp8(a):
     return isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn
+
+
+def test_opcheck_unsigned_int4():
+    x, smooth, down, up, qw, b = make_gemm_args(5, 24, 128, 8, "int4")
+    x = torch.nn.functional.gelu(x.float()).to(x.dtype)
+    torch.library.opcheck(ops.quantize_act, (x, smooth, down, "int4", "canonical", True))
+    q, s, la = ops.quantize_act(x, smooth, down, "int4", "canonical", True)
+    args = (q, s, qw.qweight, qw.wscales, la, up, b, None, "int4", torch.bfloat16)
+    torch.library.opcheck(ops.gemm_w4a4, (*args, "canonical", True))
+
+
+def gelu_input(m, k, seed):
+    """GELU outputs (the input of a FeedForward's second linear): >= -0.17, heavy right tail."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(m, k, generator=g) * torch.exp(0.5 * torch.randn(k, generator=g))
+    return torch.nn.functional.gelu(h, approximate="tanh").to(torch.bfloat16)
+
+
+def test_unsigned_quantize_act_is_the_shifted_unsigned_contract():
+    x = gelu_input(9, 192, 0)
+    smooth = (torch.rand(192, generator=torch.Generator().manual_seed(1)) + 0.5).bfloat16()
+    down = torch.randn(192, 4, generator=torch.Generator().manual_seed(2)).bfloat16()
+    q, s, la = ops.quantize_act(x, smooth, down, "int4", "canonical", True)
+    u = (x.float() + UNSIGNED_ACT_SHIFT) / smooth.float()
+    assert u.min() >= 0  # GELU >= -0.16997 > -shift
+    codes, scales = quantize_int4(u, 64, torch.bfloat16, unsigned=True)
+    assert torch.equal(q, pack_nibbles(codes)) and torch.equal(s, scales)
+    assert codes.max() == 15 and s.dtype == torch.bfloat16
+    torch.testing.assert_close(la, x.float() @ down.float())  # lora_act: unshifted, unsmoothed
+
+
+def test_unsigned_gemm_reads_codes_0_to_15_and_halves_the_gelu_error():
+    """y = dequant(q, unsigned) @ W^T: with the shift folded into the bias, the layer output
+    approximates x W^T + b with about half the error of signed codes on GELU inputs."""
+    m, n, k = 64, 96, 256
+    x = gelu_input(m, k, 3)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g)
+    qw = quantize_weight(w, "int4", torch.float32)
+    w_q = dequantize_weight(qw).double()
+    exact = x.double() @ w.double().t() + b.double()
+    errors = {}
+    for unsigned in (False, True):
+        bias = b.double() - (UNSIGNED_ACT_SHIFT * w_q.sum(1) if unsigned else 0)
+        q, s, _ = ops.quantize_act(x, None, None, "int4", "canonical", unsigned)
+        args = (q, s, qw.qweight, qw.wscales, None, None, bias.float(), None, "int4")
+        y = ops.gemm_w4a4(*args, torch.float32, "canonical", unsigned).double()
+        a = dequantize_activation(q, s, "int4", unsigned).double()
+        assert ((y - (a @ w_q.t() + bias)).norm() / y.norm()).item() < 1e-6
+        errors[unsigned] = ((y - exact).norm() / exact.norm()).item()
+    assert errors[True] < 0.75 * errors[False], errors
+
+
+def test_unsigned_is_int4_only():
+    x, smooth, down, up, qw, b = make_gemm_args(4, 64, 128, 4, "nvfp4")
+    with pytest.raises(ValueError, match="unsigned activations exist for int4 only"):
+        ops.quantize_act(x, smooth, down, "nvfp4", "canonical", True)
+    q, s, la = ops.quantize_act(x, smooth, down, "nvfp4")
+    args = (q, s, qw.qweight, qw.wscales, la, up, b, qw.wtscale, "nvfp4", torch.bfloat16)
+    with pytest.raises(ValueError, match="unsigned activations exist for int4 only"):
+        ops.gemm_w4a4(*args, "canonical", True)
 
 
 def test_opcheck_attention():

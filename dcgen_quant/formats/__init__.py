@@ -23,7 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .int4 import INT4_GROUP_SIZE, dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from .int4 import (
+    INT4_GROUP_SIZE,
+    UNSIGNED_ACT_SHIFT,
+    dequantize_int4,
+    pack_int4,
+    quantize_int4,
+    unpack_int4,
+)
 from .nvfp4 import (
     NVFP4_GROUP_SIZE,
     dequantize_nvfp4,
@@ -35,6 +42,7 @@ from .nvfp4 import (
 __all__ = [
     "FORMATS",
     "FormatSpec",
+    "UNSIGNED_ACT_SHIFT",
     "QuantizedWeight",
     "get_format",
     "quantize_weight",
@@ -131,25 +139,42 @@ def dequantize_weight(qw: QuantizedWeight, apply_tensor_scale: bool = True) -> t
     return dequantize_nvfp4(unpack_nvfp4(qw.qweight), scales, s_t, spec.group_size)
 
 
+def check_unsigned(fmt: str, unsigned: bool) -> None:
+    """Unsigned activation codes exist for INT4 only; ValueError otherwise."""
+    if unsigned and get_format(fmt).name != "int4":
+        raise ValueError(f"act_unsigned=True: unsigned activations exist for int4 only, not {fmt}")
+
+
 def quantize_activation(
-    x: torch.Tensor, fmt: str, check_finite: bool = True
+    x: torch.Tensor,
+    fmt: str,
+    check_finite: bool = True,
+    unsigned: bool = False,
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token, per-group quantization of activations ``x`` [M, K].
 
-    Returns ``q`` [M, K/2] uint8 and ``scales`` [M, K/G] (``x.dtype`` for INT4, float8_e4m3fn
-    for NVFP4).
+    Returns ``q`` [M, K/2] uint8 and ``scales`` [M, K/G] (``scale_dtype``, default ``x.dtype``,
+    for INT4; float8_e4m3fn for NVFP4). ``unsigned`` (INT4 only): codes 0..15 of non-negative x
+    (the caller applies any shift).
     """
     spec = get_format(fmt)
+    check_unsigned(fmt, unsigned)
     if spec.name == "int4":
-        codes, scales = quantize_int4(x, spec.group_size, x.dtype, check_finite=check_finite)
+        codes, scales = quantize_int4(
+            x, spec.group_size, scale_dtype or x.dtype, unsigned, check_finite
+        )
         return pack_int4(codes), scales
     codes, scales, _ = quantize_nvfp4(x, spec.group_size, False, check_finite=check_finite)
     return pack_nvfp4(codes), scales
 
 
-def dequantize_activation(q: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+def dequantize_activation(
+    q: torch.Tensor, scales: torch.Tensor, fmt: str, unsigned: bool = False
+) -> torch.Tensor:
     """Inverse of :func:`quantize_activation`: float32 [M, K], exact."""
     spec = get_format(fmt)
+    check_unsigned(fmt, unsigned)
     if spec.name == "int4":
-        return dequantize_int4(unpack_int4(q), scales, spec.group_size)
+        return dequantize_int4(unpack_int4(q, unsigned), scales, spec.group_size)
     return dequantize_nvfp4(unpack_nvfp4(q), scales, None, spec.group_size)

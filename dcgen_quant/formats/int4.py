@@ -8,8 +8,12 @@ Bit-exact contract (kernels must reproduce it):
 3. ``code = clamp(round_half_even(x / float(scale)), -8, 7)`` with a correctly rounded float32
    division; a zero scale gives code 0.
 
-The unsigned variant (non-negative inputs, e.g. shifted post-GELU activations) uses
-``amax / 15`` and codes 0..15.
+The unsigned variant (non-negative inputs) uses ``amax / 15`` and codes 0..15. Activations
+quantized unsigned (``quantize_act(..., act_unsigned=True)``, for layers that read a GELU
+output) are first shifted by :data:`UNSIGNED_ACT_SHIFT`: ``u = (x + 0.171875) / smooth`` in
+float32, then steps 1-3 with 15 and [0, 15]. GELU's minimum is -0.16997 (erf and tanh forms), so
+``u >= 0`` and all 16 codes cover the values that occur, where signed codes would spend -8..-1 on
+[-0.17, 0). The layer's bias absorbs the shift (docs/FORMAT.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .grouping import split_groups
 from .packing import nibbles_to_int4, pack_nibbles, unpack_nibbles
 
 INT4_GROUP_SIZE = 64
+UNSIGNED_ACT_SHIFT = 0.171875  # 11/64, exact in every float type; >= -min GELU = 0.16997
 
 
 def quantize_int4(
