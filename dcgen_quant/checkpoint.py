@@ -79,6 +79,8 @@ def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
             "bias": module.bias is not None,
             "dtype": _dtype_name(module.dtype),
         }
+        if getattr(module, "act_unsigned", False):
+            layers[name]["act_unsigned"] = True  # absent means signed activation codes
     return layers
 
 
@@ -414,7 +416,18 @@ def _install_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
         kwargs["dtype"] = _dtype_from_name(info["dtype"], f"layers.{name}.dtype")
         if info["kind"].startswith("svdq"):
             kwargs["rank"] = int(info["rank"])
-        layer = cls(int(info["in_features"]), int(info["out_features"]), **kwargs)
+        if "act_unsigned" in info:
+            unsigned = info["act_unsigned"]
+            if not info["kind"].startswith("svdq") or unsigned not in (True, False):
+                raise CheckpointError(
+                    f"metadata 'layers' entry {name!r}: act_unsigned={unsigned!r} needs a W4A4 "
+                    "(svdq) layer and a boolean"
+                )
+            kwargs["act_unsigned"] = unsigned
+        try:
+            layer = cls(int(info["in_features"]), int(info["out_features"]), **kwargs)
+        except ValueError as exc:
+            raise CheckpointError(f"metadata 'layers' entry {name!r}: {exc}") from None
         model.set_submodule(name, layer)
 
 

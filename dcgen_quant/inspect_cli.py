@@ -109,6 +109,10 @@ def _layer_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, info in summary["layers"].items():
         row = {"name": name, **info}
+        if info["kind"].startswith("w4a16"):
+            row["acts"] = "16-bit"
+        else:
+            row["acts"] = "unsigned" if info.get("act_unsigned") else "signed"
         stats = calib.get(name, {})
         for key in ("err_rtn", "err_smooth", "err_svdq", "seconds"):
             row[key] = stats.get(key)
@@ -139,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
         f"dtype={q.get('dtype')}"
     )
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["layers_by_kind"].items()))
+    unsigned = sum(bool(info.get("act_unsigned")) for info in summary["layers"].values())
+    if unsigned:
+        kinds += f" ({unsigned} W4A4 with unsigned activation codes)"
     print(f"layers       {kinds}")
     b = summary["bytes"]
     mib = 1024**2
@@ -158,8 +165,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"checksums    {'verified' if summary['verified'] else 'not checked (--no-verify)'}")
     if args.layers:
         columns = [
-            ("name", "layer", None), ("kind", "kind", None), ("in_features", "K", None),
-            ("out_features", "N", None), ("rank", "r", None), ("err_rtn", "err RTN", ".4f"),
+            ("name", "layer", None), ("kind", "kind", None), ("acts", "acts", None),
+            ("in_features", "K", None), ("out_features", "N", None), ("rank", "r", None),
+            ("err_rtn", "err RTN", ".4f"),
             ("err_smooth", "err smooth", ".4f"), ("err_svdq", "err SVDQ", ".4f"),
         ]  # fmt: skip
         print()

@@ -25,6 +25,7 @@ class PlannedGroup:
 
     kind: str  # "w4a4" | "w4a16"
     names: list[str]  # qualified module names, in the order the group stacks them
+    act_unsigned: bool = False  # INT4 W4A4 on a GELU output: unsigned activation codes
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ModelFamily:
     block_outputs: tuple[str, ...]  # names of a block's outputs (its tuple, or one tensor)
     fused: tuple[tuple[str, ...], ...] = ()  # linears reading the same input
     weight_only: tuple[str, ...] = ()  # fnmatch patterns: AdaLayerNorm modulation linears
+    gelu_inputs: tuple[str, ...] = ()  # fnmatch patterns: linears whose input is a GELU output
     block_skips: tuple[tuple[str, str], ...] = ()  # (pattern, reason) inside blocks
     outside_reasons: tuple[tuple[str, str], ...] = ()  # (top-level prefix, reason)
 
@@ -146,7 +148,14 @@ class ModelFamily:
                 if fused is not None:
                     members = [m for m in fused if eligible.get(m) == "w4a4"]
             grouped.update(members)
-            plan.groups.append(PlannedGroup(eligible[rel], [f"{block_name}.{m}" for m in members]))
+            unsigned = (
+                eligible[rel] == "w4a4"
+                and config.unsigned_gelu
+                and get_format(config.format).name == "int4"
+                and all(_matches(m, self.gelu_inputs) for m in members)
+            )
+            names = [f"{block_name}.{m}" for m in members]
+            plan.groups.append(PlannedGroup(eligible[rel], names, unsigned))
         return plan
 
 

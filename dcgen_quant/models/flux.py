@@ -8,7 +8,8 @@ Per block (hidden = 3072 in FLUX.1):
 
 * double: ``attn.to_q/k/v`` (image stream) and ``attn.add_q/k/v_proj`` (text stream) are two
   fused groups; ``attn.to_out.0``, ``attn.to_add_out``, ``ff.net.0.proj``, ``ff.net.2``,
-  ``ff_context.net.0.proj``, ``ff_context.net.2`` are W4A4 alone; ``norm1.linear`` and
+  ``ff_context.net.0.proj``, ``ff_context.net.2`` are W4A4 alone (the two ``net.2`` read a
+  tanh-GELU output, so INT4 quantizes their inputs unsigned); ``norm1.linear`` and
   ``norm1_context.linear`` (AdaLayerNormZero modulation) are W4A16;
 * single: ``attn.to_q/k/v`` and ``proj_mlp`` read the same normalized input: one fused group;
   ``proj_out`` (attention + MLP concatenated, K = hidden * 5) alone; ``norm.linear`` W4A16.
@@ -32,6 +33,7 @@ FLUX = register_family(
             ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
         ),
         weight_only=("norm1.linear", "norm1_context.linear", "norm.linear"),
+        gelu_inputs=("ff.net.2", "ff_context.net.2"),
         outside_reasons=(
             ("x_embedder", "image patch embedder (kept in 16 bits)"),
             ("context_embedder", "text embedder (kept in 16 bits)"),

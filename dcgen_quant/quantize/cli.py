@@ -50,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: error)",
     )  # fmt: skip
     parser.add_argument("--gptq", action="store_true", help="GPTQ on the 4-bit residual")
+    parser.add_argument(
+        "--signed-gelu", action="store_true",
+        help="INT4: quantize the inputs of GELU-output layers (FLUX ff.net.2) with signed codes "
+        "like every other layer (default: unsigned codes of x + 0.171875, about half the error)",
+    )  # fmt: skip
     parser.add_argument("--svd", choices=("randomized", "full"), default="randomized")
     parser.add_argument("--device", default="cpu", help="device to quantize on (cpu, cuda)")
     parser.add_argument(
@@ -137,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     config = QuantConfig(
         format=args.format, rank=args.rank, smooth=not args.no_smooth, gptq=args.gptq,
         svd=args.svd, dtype=dtype, seed=args.seed, skip_incompatible=args.skip_incompatible,
+        unsigned_gelu=not args.signed_gelu,
     )  # fmt: skip
     if args.prompts is not None and not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file not found: {args.prompts}")

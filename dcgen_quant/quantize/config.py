@@ -50,6 +50,11 @@ class QuantConfig:
     """Extra module-name patterns (fnmatch) to keep in 16 bits, on top of the family's list."""
     weight_only_adanorm: bool = True
     """AdaLayerNorm modulation linears: 4-bit weights, 16-bit activations (W4A16Linear)."""
+    unsigned_gelu: bool = True
+    """INT4: layers whose input is a GELU output (the family's list, e.g. FLUX's ``ff.net.2``)
+    quantize ``x + 0.171875`` to unsigned codes 0..15 instead of signed -8..7, using all 16 codes
+    on the values GELU produces (about half the activation error); their bias cancels the
+    shift. Ignored for NVFP4."""
     skip_incompatible: bool = False
     """Keep target layers whose in_features is not a multiple of the group size in 16 bits
     (listed as skipped in the report) instead of raising ValueError."""

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import get_format
+from ..formats import check_unsigned, get_format
 from ..formats.nvfp4 import E2M1_MAX, E2M1_VALUES, e2m1_magnitude_code, nvfp4_tensor_scale, to_e4m3
 
 
-def _int4(x: torch.Tensor, group: int, scale_dtype: torch.dtype) -> torch.Tensor:
+def _int4(
+    x: torch.Tensor, group: int, scale_dtype: torch.dtype, unsigned: bool = False
+) -> torch.Tensor:
+    qmax, qmin = (15.0, 0.0) if unsigned else (7.0, -8.0)
     g = x.float().reshape(*x.shape[:-1], x.shape[-1] // group, group)
-    scales = (g.abs().amax(dim=-1, keepdim=True) / 7.0).to(scale_dtype).float()
+    scales = (g.abs().amax(dim=-1, keepdim=True) / qmax).to(scale_dtype).float()
     divisor = torch.where(scales == 0, torch.ones_like(scales), scales)
-    codes = torch.round(g / divisor).clamp_(-8.0, 7.0)
+    codes = torch.round(g / divisor).clamp_(qmin, qmax)
     return (codes * scales).reshape(x.shape)
 
 
@@ -55,13 +58,17 @@ def fake_quant_weight(w: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Te
     return _nvfp4(w, spec.group_size, nvfp4_tensor_scale(w))
 
 
-def fake_quant_act(xs: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+def fake_quant_act(
+    xs: torch.Tensor, fmt: str, dtype: torch.dtype, unsigned: bool = False
+) -> torch.Tensor:
     """Smoothed activations ``xs`` [T, K] float32 -> 4-bit dequantized [T, K] float32.
 
     Per token and group, as the reference ``quantize_act`` on a ``dtype`` input: INT4 scales in
-    ``dtype``, NVFP4 E4M3 block scales without a tensor scale.
+    ``dtype``, NVFP4 E4M3 block scales without a tensor scale. ``unsigned`` (INT4): codes 0..15
+    (``xs`` is then the shifted, smoothed input ``(x + UNSIGNED_ACT_SHIFT) / smooth``).
     """
     spec = get_format(fmt)
+    check_unsigned(fmt, unsigned)
     if spec.name == "int4":
-        return _int4(xs, spec.group_size, dtype)
+        return _int4(xs, spec.group_size, dtype, unsigned)
     return _nvfp4(xs, spec.group_size, None)

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..formats import QuantizedWeight, dequantize_weight, get_format, quantize_weight
+from ..formats import (
+    UNSIGNED_ACT_SHIFT,
+    QuantizedWeight,
+    check_unsigned,
+    dequantize_weight,
+    get_format,
+    quantize_weight,
+)
 from ..formats.nvfp4 import nvfp4_tensor_scale
 from ..nn import SVDQConv1x1, SVDQLinear, W4A16Conv1x1, W4A16Linear
 from .config import QuantConfig
@@ -131,12 +138,13 @@ def make_module(
     fmt: str,
     dtype: torch.dtype,
     device: torch.device | str | None = None,
+    act_unsigned: bool = False,
 ) -> nn.Module:
     """An empty runtime module of the class for (kind, conv) (checkpoint loading, resume)."""
     kw = {"fmt": fmt, "bias": bias, "dtype": dtype, "device": device}
     if kind == "w4a4":
         cls = SVDQConv1x1 if conv else SVDQLinear
-        return cls(in_features, out_features, rank=rank, **kw)
+        return cls(in_features, out_features, rank=rank, act_unsigned=act_unsigned, **kw)
     if kind == "w4a16":
         cls = W4A16Conv1x1 if conv else W4A16Linear
         return cls(in_features, out_features, **kw)
@@ -152,14 +160,25 @@ def _fill_weight(module, qw: QuantizedWeight, bias: torch.Tensor | None) -> None
         module.bias.copy_(bias)
 
 
-def _build_w4a4(spec, qw, smooth, proj_down, proj_up, config) -> nn.Module:
+def unsigned_bias(qw: QuantizedWeight, smooth: torch.Tensor, bias: torch.Tensor | None):
+    """The bias of an ``act_unsigned`` layer: ``b - UNSIGNED_ACT_SHIFT * sum_k R_q[n, k] /
+    smooth[k]`` [N] float32, which cancels the shift that quantize_act adds to x (``R_q``: the
+    stored 4-bit residual, dequantized exactly; ``smooth`` [K]: the stored smoothing factors)."""
+    r = dequantize_weight(qw).double() / smooth.double()
+    shift_out = UNSIGNED_ACT_SHIFT * r.sum(dim=1)
+    return ((bias.double() if bias is not None else 0.0) - shift_out).float()
+
+
+def _build_w4a4(spec, qw, smooth, proj_down, proj_up, config, act_unsigned=False) -> nn.Module:
     rank = 0 if proj_down is None else proj_down.shape[1]
     module = make_module(
-        "w4a4", spec.conv, spec.in_features, spec.out_features, rank, spec.bias is not None,
-        config.format, config.dtype, spec.weight.device,
+        "w4a4", spec.conv, spec.in_features, spec.out_features, rank,
+        spec.bias is not None or act_unsigned, config.format, config.dtype, spec.weight.device,
+        act_unsigned,
     )  # fmt: skip
-    _fill_weight(module, qw, spec.bias)
     module.smooth_factor.copy_(smooth)
+    bias = unsigned_bias(qw, module.smooth_factor, spec.bias) if act_unsigned else spec.bias
+    _fill_weight(module, qw, bias)
     if rank:
         module.proj_down.copy_(proj_down)
         module.proj_up.copy_(proj_up)
@@ -224,7 +243,7 @@ def _w4a4_modules(problem, result, specs, splits, config, use_gptq):
     qws, used_gptq = _quantize_residuals(problem, result, splits, config, use_gptq)
     ups = result.proj_up.split(splits, dim=0) if result.proj_up is not None else [None] * len(qws)
     modules = [
-        _build_w4a4(spec, qw, result.smooth, result.proj_down, up, config)
+        _build_w4a4(spec, qw, result.smooth, result.proj_down, up, config, problem.act_unsigned)
         for spec, qw, up in zip(specs, qws, ups)
     ]
     return modules, used_gptq
@@ -237,11 +256,15 @@ def quantize_group(
     *,
     baselines: bool = True,
     generator: torch.Generator | None = None,
+    act_unsigned: bool = False,
 ) -> list[tuple[nn.Module, LayerReport]]:
     """SVDQuant of linears sharing the input ``x`` [T, K] (float32 tokens, already subsampled).
 
     Returns one (runtime module, report) per member, in order. ``baselines=False`` skips the
-    naive and smoothing-only reference errors (their fields stay None).
+    naive and smoothing-only reference errors (their fields stay None). ``act_unsigned`` (INT4):
+    the layers quantize ``x + UNSIGNED_ACT_SHIFT`` to unsigned codes (for inputs that are GELU
+    outputs, >= -0.17) and their bias cancels the shift; the baselines use the same activation
+    codes. ValueError if a calibration input lies below ``-UNSIGNED_ACT_SHIFT``.
     """
     start = time.perf_counter()
     k = specs[0].in_features
@@ -258,11 +281,19 @@ def quantize_group(
             check_finite(spec.bias, f"layer {spec.name}: bias")
     x = x.detach().float()
     check_finite(x, f"{label}: calibration inputs")
+    check_unsigned(config.format, act_unsigned)
+    if act_unsigned and (low := float(x.min())) < -UNSIGNED_ACT_SHIFT:
+        raise ValueError(
+            f"{label}: act_unsigned needs inputs >= -{UNSIGNED_ACT_SHIFT} (a GELU output), but "
+            f"the calibration inputs go down to {low:.4g}; they would be clipped"
+        )
     if generator is None:
         generator = torch.Generator(x.device).manual_seed(seed_for(config.seed, specs[0].name))
     splits = [s.out_features for s in specs]
     weight = torch.cat([s.weight for s in specs], dim=0)
-    problem = GroupProblem(weight, splits, x, config.format, config.dtype)
+    problem = GroupProblem(
+        weight, splits, x, config.format, config.dtype, act_unsigned=act_unsigned
+    )
     rank = min(config.rank, weight.shape[0], k)
     ranking = problem.subset(config.search_tokens, generator)
     result = search(
@@ -287,8 +318,8 @@ def quantize_group(
     for spec, module, e_naive, e_smooth in zip(specs, modules, naive, smooth_only):
         report = LayerReport(
             name=spec.name, kind="w4a4", module=type(module).__name__,
-            out_features=spec.out_features, in_features=k, bias=spec.bias is not None,
-            rank=rank, group=group, alpha=result.alpha, beta=result.beta,
+            out_features=spec.out_features, in_features=k, bias=module.bias is not None,
+            rank=rank, group=group, act_unsigned=act_unsigned, alpha=result.alpha, beta=result.beta,
             lowrank_iters=result.svd_count, gptq=used_gptq, err_rtn=e_naive,
             err_smooth=e_smooth, err_svdq=relative_error(module, spec, x),
             calib_tokens=x.shape[0], seconds=seconds,
@@ -368,6 +399,7 @@ def quantize_linear(
     report: QuantReport | None = None,
     weight_only: bool = False,
     baselines: bool = True,
+    act_unsigned: bool = False,
 ) -> nn.Module:
     """SVDQuant one ``nn.Linear`` (or 1x1 ``nn.Conv2d``) with calibration inputs ``x``.
 
@@ -382,6 +414,8 @@ def quantize_linear(
     weight_only : W4A16 (4-bit weights, 16-bit activations) instead of W4A4
     baselines : also measure naive W4A4 and smoothing-only errors for the report (about doubles
         the time of a W4A4 layer); False leaves those fields None
+    act_unsigned : INT4 W4A4 only: unsigned activation codes of ``x + UNSIGNED_ACT_SHIFT``, for a
+        linear whose input is a GELU output (x >= -0.17); about halves the activation error there
 
     Returns
     -------
@@ -389,11 +423,15 @@ def quantize_linear(
     its forward approximates ``linear``'s. Raises ValueError naming the layer when K is not a
     multiple of the format's group size or the weight / inputs hold NaN or Inf.
     """
+    if weight_only and act_unsigned:
+        raise ValueError("act_unsigned applies to W4A4 layers; weight_only layers keep 16-bit x")
     config, specs, tokens = _prepare([linear], [name], x, config)
     if weight_only:
         module, entry = quantize_weight_only(specs[0], tokens, config)
     else:
-        ((module, entry),) = quantize_group(specs, tokens, config, baselines=baselines)
+        ((module, entry),) = quantize_group(
+            specs, tokens, config, baselines=baselines, act_unsigned=act_unsigned
+        )
     if report is not None:
         report.add(entry)
     return module
@@ -407,6 +445,7 @@ def quantize_linears(
     names: Sequence[str] | None = None,
     report: QuantReport | None = None,
     baselines: bool = True,
+    act_unsigned: bool = False,
 ) -> list[nn.Module]:
     """SVDQuant linears that read the same input ``x`` as one fused group.
 
@@ -418,7 +457,7 @@ def quantize_linears(
     if not linears:
         raise ValueError("linears must not be empty")
     config, specs, tokens = _prepare(list(linears), names, x, config)
-    results = quantize_group(specs, tokens, config, baselines=baselines)
+    results = quantize_group(specs, tokens, config, baselines=baselines, act_unsigned=act_unsigned)
     if report is not None:
         for _, entry in results:
             report.add(entry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.base import BlockPlan, family_for
+from ..formats import UNSIGNED_ACT_SHIFT
+from ..models.base import BlockPlan, PlannedGroup, family_for
 from .calibration import (
     InputCollector,
     TokenReservoir,
@@ -53,8 +55,24 @@ def _module_from_entry(entry: LayerReport, config: QuantConfig) -> nn.Module:
     """An empty runtime module matching a report entry (resume)."""
     return make_module(
         entry.kind, entry.module.endswith("Conv1x1"), entry.in_features, entry.out_features,
-        entry.rank, entry.bias, config.format, config.dtype,
+        entry.rank, entry.bias, config.format, config.dtype, act_unsigned=entry.act_unsigned,
     )  # fmt: skip
+
+
+def _unsigned_ok(group: PlannedGroup, x: torch.Tensor, names: list[str]) -> bool:
+    """The plan's act_unsigned, unless the calibration inputs contradict it (a layer the family
+    lists as reading a GELU output sees values below -UNSIGNED_ACT_SHIFT): then signed codes,
+    with a warning, instead of clipping those values."""
+    if not group.act_unsigned:
+        return False
+    if (low := float(x.min())) < -UNSIGNED_ACT_SHIFT:
+        warnings.warn(
+            f"{'+'.join(names)}: inputs go down to {low:.4g}, below -{UNSIGNED_ACT_SHIFT}; "
+            "quantized with signed activation codes instead of unsigned",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _quantize_block(
@@ -100,7 +118,9 @@ def _quantize_block(
             if group.kind == "w4a16":
                 results = [quantize_weight_only(specs[0], x, config)]
             else:
-                results = quantize_group(specs, x, config)
+                results = quantize_group(
+                    specs, x, config, act_unsigned=_unsigned_ok(group, x, names)
+                )
         for (module, entry), spec in zip(results, specs):
             module = module.to(device)
             replace_module(model, spec.name, module)

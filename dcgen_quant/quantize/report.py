@@ -40,6 +40,8 @@ class LayerReport:
     rank: int = 0
     group: list[str] | None = None
     """Names of the fused group (shared smoothing and proj_down), None when quantized alone."""
+    act_unsigned: bool = False
+    """INT4 W4A4 with unsigned activation codes of ``x + UNSIGNED_ACT_SHIFT`` (GELU inputs)."""
     alpha: float | None = None
     beta: float | None = None
     lowrank_iters: int = 0

@@ -11,8 +11,10 @@ Given the concatenated weight ``W`` [N, K] of the group and calibration inputs `
    ``lowrank_iters`` steps).
 
 The error simulated here is the runtime's: activations rounded to the layer dtype, divided by the
-dtype-rounded ``lambda`` and quantized per token and group; factors rounded to the dtype (the
-residual is taken against the rounded factors, so it compensates their rounding). The objective
+dtype-rounded ``lambda`` and quantized per token and group (for unsigned activations: shifted by
+``UNSIGNED_ACT_SHIFT`` first, and the shift's contribution removed again, as the bias does);
+factors rounded to the dtype (the residual is taken against the rounded factors, so it
+compensates their rounding). The objective
 of a group is ``sum_i ||E_i||^2 / ||Y_i||^2`` over its members, so that a member with small
 outputs counts as much as a large one.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats import UNSIGNED_ACT_SHIFT
 from .fakequant import fake_quant_act, fake_quant_weight
 from .lowrank import lowrank_factors, lowrank_weight
 from .smoothing import alpha_beta_candidates, channel_absmax, smooth_factor
@@ -74,18 +77,28 @@ class GroupProblem:
     splits : list[int]; N of each member (sums to N)
     x : Tensor [T, K], float32; calibration inputs
     fmt, dtype : the 4-bit format and the layer's 16-bit dtype
+    act_unsigned : INT4 activations quantized as unsigned codes of ``x + UNSIGNED_ACT_SHIFT``;
+        the smoothing statistics are then those of the shifted input, which is what gets
+        quantized
     """
 
-    def __init__(self, weight, splits, x, fmt: str, dtype: torch.dtype, x_absmax=None):
+    def __init__(
+        self, weight, splits, x, fmt: str, dtype: torch.dtype, x_absmax=None,
+        act_unsigned: bool = False,
+    ):  # fmt: skip
         self.weight = weight
         self.splits = list(splits)
         self.fmt, self.dtype = fmt, dtype
+        self.act_unsigned = act_unsigned
+        self.shift = UNSIGNED_ACT_SHIFT if act_unsigned else 0.0
         self.x = x.to(dtype).float()  # what the runtime sees after its cast to the layer dtype
         self.y = x @ weight.t()  # reference output (no bias: the bias is added exactly)
         self.y_norm2 = [
             max(float(y.square().sum()), 1e-30) for y in self.y.split(self.splits, dim=1)
         ]
-        self.x_absmax = channel_absmax(self.x) if x_absmax is None else x_absmax
+        if x_absmax is None:
+            x_absmax = channel_absmax(self.x + self.shift if act_unsigned else self.x)
+        self.x_absmax = x_absmax
         self.w_absmax = weight.abs().amax(dim=0)
         self._x_source = x
 
@@ -101,8 +114,9 @@ class GroupProblem:
         keep = torch.randperm(t, generator=generator, device=generator.device)[:n]
         keep = keep.sort().values.to(self.x.device)
         return GroupProblem(
-            self.weight, self.splits, self._x_source[keep], self.fmt, self.dtype, self.x_absmax
-        )
+            self.weight, self.splits, self._x_source[keep], self.fmt, self.dtype, self.x_absmax,
+            self.act_unsigned,
+        )  # fmt: skip
 
     def quantize_residual(self, residual: torch.Tensor) -> torch.Tensor:
         """The group's residual [N, K] 4-bit fake-quantized: [N, K].
@@ -115,7 +129,12 @@ class GroupProblem:
 
     def objective(self, smooth, proj_down, proj_up, residual_q) -> float:
         """``sum_i ||E_i||^2 / ||Y_i||^2`` of the simulated runtime output."""
-        a = fake_quant_act(self.x / smooth, self.fmt, self.dtype)
+        if self.act_unsigned:
+            # Q((x + c) / lambda) - c / lambda: the bias compensation removes c's contribution
+            a = fake_quant_act((self.x + self.shift) / smooth, self.fmt, self.dtype, True)
+            a -= self.shift / smooth
+        else:
+            a = fake_quant_act(self.x / smooth, self.fmt, self.dtype)
         b = residual_q
         if proj_down is not None:
             # one matmul for both paths: [Q(x/lambda), x @ proj_down] @ [Q(R), proj_up]^T
