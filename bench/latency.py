@@ -44,11 +44,19 @@ PRECISIONS = ("bf16", "int4", "nvfp4")
 
 
 @functools.cache
-def step_ops(model: str, resolution: int, precision: str = "bf16", autoencoder: str | None = None):
+def step_ops(
+    model: str,
+    resolution: int,
+    precision: str = "bf16",
+    autoencoder: str | None = None,
+    fuse_qkv: bool = True,
+):
     """Ops of one denoising forward of full-size ``model`` at ``resolution`` (cached).
 
-    ``precision``: "bf16", or a 4-bit format ("int4" | "nvfp4") for the W4A4 model.
-    Returns a tuple of :class:`opcount.Op`.
+    ``precision``: "bf16", or a 4-bit format ("int4" | "nvfp4") for the W4A4 model, whose FLUX
+    q/k/v (and added q/k/v) projections run fused, one ``quantize_act`` and one GEMM per group,
+    as a checkpoint loaded with ``fuse=True`` runs; ``fuse_qkv=False`` traces them as three
+    separate layers. Returns a tuple of :class:`opcount.Op`.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; expected one of {PRECISIONS}")
@@ -60,7 +68,7 @@ def step_ops(model: str, resolution: int, precision: str = "bf16", autoencoder: 
     if precision != "bf16":
         from .w4a4 import convert_to_w4a4
 
-        convert_to_w4a4(net, precision)
+        convert_to_w4a4(net, precision, fuse=fuse_qkv)
     inputs = configs.transformer_inputs(model, resolution, autoencoder=autoencoder)
     segments, repeats = {}, {}
     for key, attr in depth.items():
@@ -223,11 +231,12 @@ def predict_image(
     steps: int,
     precision: str = "bf16",
     autoencoder: str | None = None,
+    fuse_qkv: bool = True,
 ) -> Prediction:
     """Predict whole-image latency of ``model`` at ``resolution`` on ``gpu``.
 
     ``precision`` "bf16" or "w4a4" (the GPU's native 4-bit format: INT4 on Hopper, NVFP4 on
-    Blackwell) or an explicit "int4" / "nvfp4".
+    Blackwell) or an explicit "int4" / "nvfp4". ``fuse_qkv``: see :func:`step_ops` (4-bit only).
     """
     spec = configs.transformer_spec(model)
     ae = autoencoder or spec.autoencoder
@@ -236,7 +245,7 @@ def predict_image(
         raise ValueError(f"precision={precision!r}; expected bf16, w4a4, int4 or nvfp4")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be a positive integer")
-    ops = step_ops(model, resolution, fmt, ae)
+    ops = step_ops(model, resolution, fmt, ae, fuse_qkv)
     attn_peak = gpu.bf16 if fmt == "bf16" else gpu.fp16_acc16
     step = simulate(ops, gpu, attn_peak)
     dec_ops = decode_ops(ae, resolution)

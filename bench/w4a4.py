@@ -13,6 +13,11 @@ The weights are for timing only: on the meta device nothing is allocated; on a r
 :func:`dcgen_quant.formats.quantize_weight`) and random low-rank factors, so that kernels see
 realistic codes and scales. This is not a calibrated model (use ``dcgen_quant.quantize`` for
 that).
+
+By default each FLUX attention's q/k/v (and added q/k/v) then run as one fused layer
+(:func:`dcgen_quant.fusion.fuse_projections`), as a checkpoint loaded with ``fuse=True`` runs,
+on meta as on a real device: the latency model's op trace sees one ``quantize_act`` and one
+GEMM of three times the width per group, the kernels a fused model launches.
 """
 
 from __future__ import annotations
@@ -75,10 +80,10 @@ def convert_to_w4a4(
     fmt : "int4" | "nvfp4"
     rank : rank of the low-rank branch of the SVDQLinear layers
     seed : seed of the random quantized weights (ignored on meta)
-    fuse : on a real device, give each FLUX attention's q/k/v (and added q/k/v) layers one
-        smoothing vector, down projection and tensor scale, as the quantizer does, and run them
-        fused (:func:`dcgen_quant.fusion.fuse_projections`), as a loaded model with
-        ``fuse=True`` runs; on meta (the latency model's op trace) nothing is fused
+    fuse : give each FLUX attention's q/k/v (and added q/k/v) layers one smoothing vector,
+        down projection and tensor scale, as the quantizer does, and run them fused
+        (:func:`dcgen_quant.fusion.fuse_projections`), as a loaded model with ``fuse=True``
+        runs; on meta too (the latency model's op trace). False: every projection separate
 
     Returns
     -------
@@ -115,19 +120,26 @@ def convert_to_w4a4(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         counts["w4a16" if weight_only else "w4a4"] += 1
-    counts["fused_attentions"] = _fuse(model) if fuse and generator is not None else 0
+    counts["fused_attentions"] = _fuse(model) if fuse else 0
     return counts
 
 
 @torch.no_grad()
 def share_group_inputs_(layers: list[SVDQLinear]) -> None:
     """Give ``layers`` the first one's smoothing, down projection and tensor scale, as the
-    quantizer gives the members of a group that reads one input (so they can be fused)."""
+    quantizer gives the members of a group that reads one input (so they can be fused).
+
+    On a real device the values are copied. Meta tensors hold no values, so there the members
+    get the first layer's tensors themselves, which :meth:`SVDQLinear.concat` accepts as shared.
+    """
+    first = layers[0]
+    names = ("smooth_factor", "proj_down") + (("wtscale",) if first.wtscale is not None else ())
     for m in layers[1:]:
-        m.smooth_factor.copy_(layers[0].smooth_factor)
-        m.proj_down.copy_(layers[0].proj_down)
-        if m.wtscale is not None:
-            m.wtscale.copy_(layers[0].wtscale)
+        for name in names:
+            if first.proj_down.is_meta:
+                setattr(m, name, getattr(first, name))
+            else:
+                getattr(m, name).copy_(getattr(first, name))
 
 
 def _fuse(model: nn.Module) -> int:

@@ -16,6 +16,11 @@ Checkpoints always hold the members: :func:`dcgen_quant.checkpoint.save_quantize
 fused model through :func:`unfused`, and :func:`unfuse_projections` restores the members
 exactly. SANA is not fused: diffusers' SANA attention processors call ``to_q`` / ``to_k`` /
 ``to_v`` one by one.
+
+A model on the meta device fuses too, where each group's members hold the same smoothing / down
+projection / tensor-scale tensors (meta tensors have no values to compare, see
+:meth:`SVDQLinear.concat`): that is how the latency model (``dcgen_quant.bench``) traces the
+fused forward.
 """
 
 from __future__ import annotations

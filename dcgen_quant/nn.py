@@ -183,10 +183,14 @@ class SVDQLinear(_QuantizedWeightMixin):
         """One layer whose output is the outputs of ``layers`` side by side, [..., sum(N_i)].
 
         The layers must read the same input the same way: equal ``in_features``, format, rank,
-        dtype, layout, ``smooth_factor``, ``proj_down`` and (NVFP4) ``wtscale``, which the
-        quantizer guarantees for the members of a fused group; bias on all or none. Then the
+        dtype, layout, device, ``smooth_factor``, ``proj_down`` and (NVFP4) ``wtscale``, which
+        the quantizer guarantees for the members of a fused group; bias on all or none. Then the
         activations are quantized once and every output column is computed exactly as in its
         own layer. ValueError names the first mismatch.
+
+        On the meta device tensors hold no values to compare: there the input-side tensors must
+        be the *same* tensor objects (as :func:`dcgen_quant.bench.w4a4.share_group_inputs_`
+        makes them), so that a shape-only model fuses exactly where a real one would.
         """
         layers = list(layers)
         if reason := cls.concat_mismatch(layers):
@@ -228,9 +232,15 @@ class SVDQLinear(_QuantizedWeightMixin):
                         f"layer {i} has {attr}={getattr(m, attr)!r}, layer 0 "
                         f"{getattr(first, attr)!r}"
                     )
+            if m.qweight.device != first.qweight.device:
+                return f"layer {i} is on {m.qweight.device}, layer 0 on {first.qweight.device}"
             for attr in ("smooth_factor", "proj_down", "wtscale"):
                 a, b = getattr(first, attr), getattr(m, attr)
-                if a is not None and not torch.equal(a, b):
+                if a is None or a is b:
+                    continue
+                if a.is_meta:
+                    return f"layer {i} has its own {attr} on the meta device (no values to compare)"
+                if not torch.equal(a, b):
                     return f"layer {i} has a different {attr} than layer 0"
             if (m.bias is None) != (first.bias is None):
                 return f"layer {i} and layer 0 differ in having a bias"

@@ -140,3 +140,19 @@ def test_dcgen_attention_processor_reads_the_fused_projections(quantized):
         for name, processor in saved.items():
             model.get_submodule(name).set_processor(processor)
     assert torch.equal(after, before)
+
+
+def test_meta_layers_concat_only_when_they_hold_the_same_input_tensors():
+    # meta tensors have no values: sharing is shown by identity (bench.w4a4.share_group_inputs_)
+    layers = [SVDQLinear(64, 32, rank=4, fmt="nvfp4", device="meta") for _ in range(3)]
+    assert "own smooth_factor on the meta device" in SVDQLinear.concat_mismatch(layers)
+    for m in layers[1:]:
+        m.smooth_factor, m.proj_down = layers[0].smooth_factor, layers[0].proj_down
+    assert "own wtscale on the meta device" in SVDQLinear.concat_mismatch(layers)
+    for m in layers[1:]:
+        m.wtscale = layers[0].wtscale
+    fused = SVDQLinear.concat(layers)
+    assert fused.qweight.is_meta and fused.out_features == 96
+    assert [m.out_features for m in fused.split([32, 32, 32])] == [32, 32, 32]
+    on_cpu = SVDQLinear(64, 32, rank=4, fmt="nvfp4")
+    assert "is on cpu, layer 0 on meta" in SVDQLinear.concat_mismatch([layers[0], on_cpu])
