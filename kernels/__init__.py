@@ -35,7 +35,7 @@ import sys
 import torch
 
 from dcgen_quant import capabilities
-from dcgen_quant.formats import get_format
+from dcgen_quant.formats import check_unsigned, get_format
 from dcgen_quant.formats.layouts import CANONICAL
 
 __all__ = [
@@ -151,13 +151,6 @@ def _check_rank(op: str, r: int) -> None:
         raise BackendUnsupported(f"{op}: rank r={r} exceeds the Triton kernels' limit {MAX_RANK}")
 
 
-def _check_signed(op: str, act_unsigned: bool) -> None:
-    from dcgen_quant.ops import BackendUnsupported
-
-    if act_unsigned:
-        raise BackendUnsupported(f"{op}: the Triton kernels do not read unsigned activations yet")
-
-
 def quantize_act(x, smooth, lora_down, fmt, layout=CANONICAL, act_unsigned=False):
     """Triton ``dcgen_quant::quantize_act``: see :func:`dcgen_quant.ops.quantize_act`.
 
@@ -173,11 +166,13 @@ def quantize_act(x, smooth, lora_down, fmt, layout=CANONICAL, act_unsigned=False
     """
     interpret = _check_devices("quantize_act", x, smooth, lora_down)
     _check_layout("quantize_act", layout)
-    _check_signed("quantize_act", act_unsigned)
+    check_unsigned(fmt, act_unsigned)  # ValueError for NVFP4, as in ops (direct callers)
     if lora_down is not None:
         _check_rank("quantize_act", lora_down.shape[1])
     module = _kernel_module("act_quant")
-    return module.quantize_act(x, smooth, lora_down, get_format(fmt).name, layout, interpret)
+    return module.quantize_act(
+        x, smooth, lora_down, get_format(fmt).name, layout, interpret, act_unsigned
+    )
 
 
 def gemm_w4a4(
@@ -202,13 +197,13 @@ def gemm_w4a4(
         "gemm_w4a4", q, scales, qweight, wscales, lora_act, proj_up, bias, wtscale
     )
     _check_layout("gemm_w4a4", layout)
-    _check_signed("gemm_w4a4", act_unsigned)
+    check_unsigned(fmt, act_unsigned)
     if lora_act is not None:
         _check_rank("gemm_w4a4", lora_act.shape[1])
     if get_format(fmt).name == "int4":
         module = _kernel_module("gemm_int4")
         return module.gemm_w4a4_int4(
-            q, scales, qweight, wscales, lora_act, proj_up, bias, out_dtype, interpret
+            q, scales, qweight, wscales, lora_act, proj_up, bias, out_dtype, interpret, act_unsigned
         )
     module = _kernel_module("gemm_nvfp4")
     return module.gemm_w4a4_nvfp4(

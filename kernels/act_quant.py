@@ -13,11 +13,17 @@ high-nibble elements (split_halves: two contiguous half-groups; canonical: one
 amax is the max over both tiles. The same unsmoothed tiles feed ``lora_act += x @ lora_down``
 (two dots, one per nibble half, against the matching rows of lora_down).
 
-Bit-exactness (formats/int4.py, formats/nvfp4.py): the smoothing division and ``amax / 7`` or
-``amax / 6`` use correctly rounded division (``div_rn``); ``x / scale`` multiplies by the group's
-correctly rounded reciprocal and applies Markstein's FMA correction (numerics.div_by_reciprocal),
-which gives the IEEE quotient wherever it can affect a code; scales are rounded with the exact
-helpers of numerics.py; codes round half to even. Scales are stored as
+Unsigned INT4 (``UNSIGNED``, for layers that read a GELU output): the quantized value is
+``u = (x + UNSIGNED_ACT_SHIFT) / smooth``, the shift added in float32 to the widened x before the
+smoothing division (the reference's order), then ``amax / 15`` and codes clamped to [0, 15]
+(values below ``-UNSIGNED_ACT_SHIFT`` give code 0; their magnitude still counts in the amax, as
+in the reference). ``lora_act`` reads the unshifted x.
+
+Bit-exactness (formats/int4.py, formats/nvfp4.py): the smoothing division and ``amax / 7``,
+``amax / 15`` or ``amax / 6`` use correctly rounded division (``div_rn``); ``x / scale``
+multiplies by the group's correctly rounded reciprocal and applies Markstein's FMA correction
+(numerics.div_by_reciprocal), which gives the IEEE quotient wherever it can affect a code; scales
+are rounded with the exact helpers of numerics.py; codes round half to even. Scales are stored as
 [M, K/G] (x.dtype for INT4, float8 E4M3 for NVFP4), codes as [M, K/2] uint8.
 """
 
@@ -30,6 +36,7 @@ import triton
 import triton.language as tl
 
 from dcgen_quant.capabilities import triton_interpret
+from dcgen_quant.formats.int4 import UNSIGNED_ACT_SHIFT
 
 from . import tuning
 from .numerics import (
@@ -48,6 +55,7 @@ from .numerics import (
 _SCALE_KIND = {torch.bfloat16: SCALE_BF16, torch.float16: SCALE_FP16, torch.float32: SCALE_FP32}
 
 INTERPRETED = triton_interpret()  # how this module's kernels were built (jit vs interpreter)
+SHIFT = tl.constexpr(UNSIGNED_ACT_SHIFT)  # 0.171875 = 11/64: exact in every float type
 
 
 @triton.jit
@@ -70,9 +78,9 @@ def _quantize_act_kernel(
     x_ptr, smooth_ptr, down_ptr, q_ptr, scales_ptr, lora_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_dk, stride_dr,
-    GROUP: tl.constexpr, IS_NVFP4: tl.constexpr, SPLIT_HALVES: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, SCALE_KIND: tl.constexpr,
-    DOT16: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP: tl.constexpr, IS_NVFP4: tl.constexpr, UNSIGNED: tl.constexpr,
+    SPLIT_HALVES: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr,
+    SCALE_KIND: tl.constexpr, DOT16: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = GROUP // 2
@@ -131,6 +139,10 @@ def _quantize_act_kernel(
 
         xs_lo = to_f32(x_lo, INTERPRET)
         xs_hi = to_f32(x_hi, INTERPRET)
+        if UNSIGNED:
+            # u = (x + shift) / smooth: one correctly rounded float32 add, then the division
+            xs_lo = xs_lo + SHIFT
+            xs_hi = xs_hi + SHIFT
         if HAS_SMOOTH:
             smask = gidx3 < n_groups
             s_lo = to_f32(tl.load(smooth_ptr + k_lo3, mask=smask, other=1.0), INTERPRET)
@@ -159,8 +171,11 @@ def _quantize_act_kernel(
             c_lo = e2m1_code(a_lo, xs_lo)
             c_hi = e2m1_code(a_hi, xs_hi)
         else:
-            # scale = dtype(amax / 7); code = clamp(rne(x / scale), -8, 7), divisor 1 if scale == 0
-            s = round_to_scale_dtype(tl.math.div_rn(amax, 7.0), SCALE_KIND)
+            # scale = dtype(amax / QMAX); code = clamp(rne(x / scale), QMIN, QMAX), divisor 1 if
+            # scale == 0; QMAX, QMIN = 7, -8 (signed) or 15, 0 (unsigned)
+            QMAX: tl.constexpr = 15.0 if UNSIGNED else 7.0
+            QMIN: tl.constexpr = 0.0 if UNSIGNED else -8.0
+            s = round_to_scale_dtype(tl.math.div_rn(amax, QMAX), SCALE_KIND)
             tl.store(s_ptrs, cast_to(s, scales_ptr.dtype.element_ty, INTERPRET), mask=mask2)
             # x / scale by a per-group reciprocal. Groups with a tiny scale are first scaled by
             # 2**64 (exact) so that x, the scale and the residual stay normal; in the others a
@@ -173,8 +188,8 @@ def _quantize_act_kernel(
             sc = sc[:, :, None]
             v_lo = rint(div_by_reciprocal(xs_lo * sc, d, r), INTERPRET)
             v_hi = rint(div_by_reciprocal(xs_hi * sc, d, r), INTERPRET)
-            c_lo = tl.minimum(tl.maximum(v_lo, -8.0), 7.0).to(tl.int32) & 0xF
-            c_hi = tl.minimum(tl.maximum(v_hi, -8.0), 7.0).to(tl.int32) & 0xF
+            c_lo = tl.minimum(tl.maximum(v_lo, QMIN), QMAX).to(tl.int32) & 0xF
+            c_hi = tl.minimum(tl.maximum(v_hi, QMIN), QMAX).to(tl.int32) & 0xF
 
         packed = (c_lo | (c_hi << 4)).to(tl.uint8)
         q_ptrs = q_ptr + r3.to(tl.int64) * (K // 2) + gidx3 * HALF + e3
@@ -188,6 +203,8 @@ def _quantize_act_kernel(
 
 @functools.cache
 def _tuned(arch: str):
+    # UNSIGNED is not in the key: it adds one float32 add per element to a memory-bound kernel,
+    # so a configuration tuned for either variant serves both (each still compiles separately)
     return triton.autotune(
         configs=tuning.configs_for(tuning.QUANTIZE_ACT_CONFIGS, arch),
         key=["M", "K", "R", "GROUP"],
@@ -195,7 +212,7 @@ def _tuned(arch: str):
     )(_quantize_act_kernel)
 
 
-def quantize_act(x, smooth, lora_down, fmt, layout, interpret):
+def quantize_act(x, smooth, lora_down, fmt, layout, interpret, act_unsigned=False):
     """Launch the fused quantizer (arguments as ``dcgen_quant.ops.quantize_act``).
 
     Parameters
@@ -205,6 +222,7 @@ def quantize_act(x, smooth, lora_down, fmt, layout, interpret):
     lora_down : Tensor [K, r] or None
     fmt : "int4" | "nvfp4"; layout : "canonical" | "split_halves"
     interpret : bool, True under TRITON_INTERPRET=1
+    act_unsigned : bool, INT4 only: codes 0..15 of ``(x + UNSIGNED_ACT_SHIFT) / smooth``
 
     Returns
     -------
@@ -243,7 +261,7 @@ def quantize_act(x, smooth, lora_down, fmt, layout, interpret):
         m, k, r,
         x.stride(0), x.stride(1),
         down_arg.stride(0) if r else 0, down_arg.stride(1) if r else 0,
-        GROUP=group, IS_NVFP4=nvfp4, SPLIT_HALVES=layout == "split_halves",
+        GROUP=group, IS_NVFP4=nvfp4, UNSIGNED=act_unsigned, SPLIT_HALVES=layout == "split_halves",
         HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0, SCALE_KIND=_SCALE_KIND[x.dtype],
         DOT16=dot16, INTERPRET=interpret, BLOCK_R=tuning.pow2_at_least(r),
         **cfg,

@@ -131,7 +131,7 @@ _ATTN8_SIG = {
 CASES = {
     "gemm_int4": Case(
         "gemm_int4", "_gemm_w4a4_int4_kernel", _GEMM_SIG,
-        {**_GEMM_EPI, **_GEMM_TILE, "BLOCK_M": 128, "BLOCK_N": 128},
+        {**_GEMM_EPI, **_GEMM_TILE, "ACT_UNSIGNED": False, "BLOCK_M": 128, "BLOCK_N": 128},
         num_warps=8, num_stages=4,
     ),
     "gemm_nvfp4_native": Case(
@@ -160,9 +160,9 @@ CASES = {
         {"x_ptr": "*bf16", "smooth_ptr": "*bf16", "down_ptr": "*bf16", "q_ptr": "*u8",
          "scales_ptr": "*bf16", "lora_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32",
          "stride_xm": "i32", "stride_xk": "i32", "stride_dk": "i32", "stride_dr": "i32"},
-        {"GROUP": 64, "IS_NVFP4": False, "SPLIT_HALVES": True, "HAS_SMOOTH": True,
-         "HAS_LORA": True, "SCALE_KIND": 0, "DOT16": True, "INTERPRET": False, "BLOCK_M": 32,
-         "BLOCK_K": 128, "BLOCK_R": 32},
+        {"GROUP": 64, "IS_NVFP4": False, "UNSIGNED": False, "SPLIT_HALVES": True,
+         "HAS_SMOOTH": True, "HAS_LORA": True, "SCALE_KIND": 0, "DOT16": True, "INTERPRET": False,
+         "BLOCK_M": 32, "BLOCK_K": 128, "BLOCK_R": 32},
     ),
     "attention": Case(
         "flash_attn", "_attention_kernel", _ATTN_SIG,
@@ -196,6 +196,11 @@ VARIANTS = {
     "gemm_int4_ragged_no_lora": _variant("gemm_int4", HAS_LORA=False, HAS_BIAS=False,
                                          EVEN_M=False, EVEN_N=False,
                                          BLOCK_M=16, BLOCK_N=128, warps=4, stages=3),
+    # unsigned activation codes 0..15 (act_unsigned): the same int8 MMA on sm_90 / sm_120
+    "gemm_int4_unsigned": _variant("gemm_int4", ACT_UNSIGNED=True),
+    "gemm_int4_unsigned_ragged": _variant("gemm_int4", ACT_UNSIGNED=True, HAS_BIAS=False,
+                                          EVEN_M=False, BLOCK_M=64, warps=4, stages=4,
+                                          sig={"y_ptr": "*fp32"}),
     "gemm_nvfp4_upcast_ragged": _variant("gemm_nvfp4_upcast", EVEN_M=False, EVEN_K=False,
                                          HAS_LORA=False, sig={"y_ptr": "*fp16"}),
     "gemm_w4a16_nvfp4_fp16": _variant("gemm_w4a16_int4", IS_NVFP4=True, SPLIT_HALVES=False,
@@ -208,6 +213,8 @@ VARIANTS = {
     "quantize_act_nvfp4_canonical": _variant("quantize_act_int4", GROUP=16, IS_NVFP4=True,
                                              SPLIT_HALVES=False, BLOCK_K=256,
                                              sig={"scales_ptr": "*fp8e4nv"}),
+    "quantize_act_int4_unsigned_canonical": _variant("quantize_act_int4", UNSIGNED=True,
+                                                     SPLIT_HALVES=False),
     "quantize_act_int4_fp16_fp32dot": _variant("quantize_act_int4", SCALE_KIND=1, DOT16=False,
                                                HAS_SMOOTH=False, BLOCK_M=16,
                                                sig={"x_ptr": "*fp16", "scales_ptr": "*fp16",

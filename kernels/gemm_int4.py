@@ -14,10 +14,15 @@ INT8 tensor cores: wgmma s8 on sm_90, mma.sync s8 on sm_80/sm_120), because the 
 byte j in q and in qweight hold the same element k. This holds for any nibble layout in which
 activations and weights agree, so the kernel reads ``canonical`` and ``split_halves`` alike.
 
-The int32 partial of each group is exact (|sum| <= 64 * 64); it is converted to float32 and
-added into the float32 accumulator times ``sa[m, g] * sw[g, n]`` (two-level accumulation, as in
-FP8 block-scaled GEMMs). The epilogue adds ``lora_act @ proj_up^T`` (float32 operands, 3xTF32
-on GPUs: float32-level accuracy on the tensor cores), the bias, and casts to ``out_dtype``.
+With ``ACT_UNSIGNED`` the activation nibbles are read as unsigned codes 0..15
+(``quantize_act(act_unsigned=True)``); they are valid int8 values, so the same int8 dots apply
+(weights stay signed -8..7).
+
+The int32 partial of each group is exact (|sum| <= 64 * 8 * 8 signed, 64 * 15 * 8 unsigned);
+it is converted to float32 and added into the float32 accumulator times ``sa[m, g] * sw[g, n]``
+(two-level accumulation, as in FP8 block-scaled GEMMs). The epilogue adds
+``lora_act @ proj_up^T`` (float32 operands, 3xTF32 on GPUs: float32-level accuracy on the tensor
+cores), the bias, and casts to ``out_dtype``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from dcgen_quant.capabilities import triton_interpret
 
 from . import tuning
 from .gemm_epilogue import epilogue, tile_ids
-from .numerics import int4_high, int4_low, int_to_float, to_f32
+from .numerics import int4_high, int4_low, int_to_float, to_f32, uint4_high, uint4_low
 
 INTERPRETED = triton_interpret()  # how this module's kernels were built (jit vs interpreter)
 
@@ -43,7 +48,7 @@ def _gemm_w4a4_int4_kernel(
     q_ptr, scales_ptr, w_ptr, wscales_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
     M, N, K, R, stride_upn, stride_upr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    ACT_UNSIGNED: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
@@ -66,11 +71,18 @@ def _gemm_w4a4_int4_kernel(
     for g in range(0, n_groups):
         a = tl.load(a_ptrs)
         w = tl.load(w_ptrs)
-        part = tl.dot(int4_low(a), int4_low(w), out_dtype=tl.int32)
-        part = tl.dot(int4_high(a), int4_high(w), part, out_dtype=tl.int32)
+        if ACT_UNSIGNED:
+            # codes 0..15 (valid int8): still an s8 x s8 dot
+            part = tl.dot(uint4_low(a), int4_low(w), out_dtype=tl.int32)
+            part = tl.dot(uint4_high(a), int4_high(w), part, out_dtype=tl.int32)
+        else:
+            part = tl.dot(int4_low(a), int4_low(w), out_dtype=tl.int32)
+            part = tl.dot(int4_high(a), int4_high(w), part, out_dtype=tl.int32)
         sa = to_f32(tl.load(sa_ptrs + g), INTERPRET)
         sw = to_f32(tl.load(sw_ptrs + g * N), INTERPRET)
-        # |part| <= 64 * 8 * 8: exact float conversion without the I2F unit
+        # |part| <= 64 * 8 * 8 = 4096 (signed codes) or 64 * 15 * 8 = 7680 (unsigned activation
+        # codes times signed weights), far below int_to_float's 2**22: the magic-number
+        # conversion (no I2F unit) stays exact for both
         acc += int_to_float(part) * (sa[:, None] * sw[None, :])
         a_ptrs += 32
         w_ptrs += 32
@@ -81,6 +93,8 @@ def _gemm_w4a4_int4_kernel(
 
 @functools.cache
 def _tuned(arch: str):
+    # ACT_UNSIGNED is not in the key: it changes two bit operations per loaded byte, not the
+    # tile trade-offs, so one tuned configuration serves both variants (each compiles apart)
     return triton.autotune(
         configs=tuning.configs_for(tuning.GEMM_INT4_CONFIGS, arch),
         key=["M", "N", "K", "R"],
@@ -88,7 +102,9 @@ def _tuned(arch: str):
     )(_gemm_w4a4_int4_kernel)
 
 
-def gemm_w4a4_int4(q, scales, qweight, wscales, lora_act, proj_up, bias, out_dtype, interpret):
+def gemm_w4a4_int4(
+    q, scales, qweight, wscales, lora_act, proj_up, bias, out_dtype, interpret, act_unsigned=False
+):
     """Launch the INT4 W4A4 GEMM (arguments as ``dcgen_quant.ops.gemm_w4a4``, fmt="int4").
 
     Parameters
@@ -97,6 +113,8 @@ def gemm_w4a4_int4(q, scales, qweight, wscales, lora_act, proj_up, bias, out_dty
     qweight : Tensor [N, K/2] uint8; wscales : Tensor [K/64, N] 16-bit
     lora_act : Tensor [M, r] float32 or None; proj_up : Tensor [N, r] or None
     bias : Tensor [N] or None; out_dtype : torch.dtype
+    interpret : bool, True under TRITON_INTERPRET=1
+    act_unsigned : bool, q holds unsigned codes 0..15 (weights stay signed)
 
     Returns
     -------
@@ -124,7 +142,7 @@ def gemm_w4a4_int4(q, scales, qweight, wscales, lora_act, proj_up, bias, out_dty
         q, scales, qweight, wscales, la, up, b, y,
         m, n, k, r, up.stride(0) if r else 0, up.stride(1) if r else 0,
         HAS_LORA=r > 0, HAS_BIAS=bias is not None, BLOCK_R=tuning.pow2_at_least(r),
-        INTERPRET=interpret,
+        ACT_UNSIGNED=act_unsigned, INTERPRET=interpret,
         **cfg,
     )  # fmt: skip
     return y

@@ -174,3 +174,17 @@ def int4_low(b):
 def int4_high(b):
     """Packed bytes (uint8) -> signed INT4 of the high nibbles as int8 (arithmetic shift)."""
     return b.to(tl.int8, bitcast=True) >> 4
+
+
+@triton.jit
+def uint4_low(b):
+    """Packed bytes (uint8) -> unsigned INT4 (0..15) of the low nibbles, as int8 (exact: 0..15
+    are valid int8 values, so the int8 tensor-core dots read them unchanged)."""
+    return (b & 0xF).to(tl.int8, bitcast=True)
+
+
+@triton.jit
+def uint4_high(b):
+    """Packed bytes (uint8) -> unsigned INT4 (0..15) of the high nibbles, as int8 (logical
+    shift of the uint8)."""
+    return (b >> 4).to(tl.int8, bitcast=True)

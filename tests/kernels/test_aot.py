@@ -22,6 +22,10 @@ pytestmark = pytest.mark.slow
 CASES = [
     # (kernel case, sm, regex that must match one instruction, what it shows)
     ("gemm_int4", 90, r"^wgmma\.mma_async\.\S*\.s32\.s8\.s8$", "INT4 GEMM: int8 wgmma (IGMMA)"),
+    # unsigned activation codes 0..15 are valid s8 values: triton 3.9 emits the same
+    # wgmma ...m64n128k32.s32.s8.s8 (not .u8.s8); either would be correct
+    ("gemm_int4_unsigned", 90, r"^wgmma\.mma_async\.\S*\.s32\.[su]8\.s8$",
+     "INT4 GEMM, unsigned activations: int8 wgmma"),
     ("gemm_nvfp4_native", 120, r"^mma\.sync\.\S*kind::mxf4nvf4\.block_scale\.\S*ue4m3$",
      "NVFP4 GEMM: block-scaled FP4 mma.sync on sm_120"),
     ("gemm_nvfp4_native", 100, r"^tcgen05\.mma\.\S*kind::mxf4nvf4\.block_scale",
@@ -35,7 +39,8 @@ CASES = [
 
 
 def test_kernels_emit_intended_instructions(tmp_path):
-    pairs = {f"{case}@{arch}" for case, arch, _, _ in CASES} | {"quantize_act_int4@90"}
+    quantizers = ("quantize_act_int4", "quantize_act_int4_unsigned_canonical")
+    pairs = {f"{case}@{arch}" for case, arch, _, _ in CASES} | {f"{q}@90" for q in quantizers}
     # the other specializations the launchers use must compile for both GPU families
     general = [v for v in aot.VARIANTS if not v.startswith("nvfp4_native_")]
     pairs |= {f"{v}@{a}" for v in general for a in (90, 120)}
@@ -58,10 +63,17 @@ def test_kernels_emit_intended_instructions(tmp_path):
         if not any("mxf4nvf4" in i for i in found):
             failures.append(f"NVFP4 autotune config {v}: sm_{a} gave {found}")
     # bit-exact quantization needs IEEE division and round-to-nearest-even on the GPU too
-    ptx = (tmp_path / "quantize_act_int4_sm90.ptx").read_text()
-    for needed in ("div.rn.f32", "cvt.rni.f32.f32"):
-        if needed not in ptx:
-            failures.append(f"quantize_act sm_90 PTX lacks {needed}")
+    for q in quantizers:
+        ptx = (tmp_path / f"{q}_sm90.ptx").read_text()
+        for needed in ("div.rn.f32", "cvt.rni.f32.f32"):
+            if needed not in ptx:
+                failures.append(f"{q} sm_90 PTX lacks {needed}")
+    # the unsigned shift 0.171875 (0x3E300000) is a plain float32 add, not fused into an FMA
+    ptx = (tmp_path / "quantize_act_int4_unsigned_canonical_sm90.ptx").read_text()
+    if not re.search(r"\badd(\.rn)?\.f32\s+%r\d+, %r\d+, 0f3E300000;", ptx):
+        failures.append("unsigned quantize_act sm_90 PTX has no float32 add of the shift")
+    if re.search(r"\bfma\.\S+\s[^;]*0f3E300000", ptx):
+        failures.append("unsigned quantize_act sm_90 PTX fuses the shift into an FMA")
     assert not failures, "\n".join(failures)
 
 

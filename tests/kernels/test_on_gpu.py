@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcgen_quant import kernels
+from dcgen_quant import kernels, ops
 from dcgen_quant.kernels import gemm_nvfp4
 
 from . import test_attention, test_gemm, test_quantize_act, test_svdq_linear
@@ -32,6 +32,11 @@ def test_quantize_act_on_gpu(fmt, device):
     test_quantize_act.test_quantize_act_bit_exact(97, 3072, 32, fmt, layout, torch.bfloat16, device)
     test_quantize_act.test_quantize_act_bit_exact(1, 64, 0, fmt, "canonical", torch.float16, device)
     test_quantize_act.test_quantize_act_edge_cases(fmt, layout, torch.bfloat16, device)
+    if fmt == "int4":
+        test_quantize_act.test_quantize_act_unsigned_bit_exact(
+            97, 3072, 32, layout, torch.bfloat16, device
+        )
+        test_quantize_act.test_quantize_act_unsigned_edge_cases("canonical", torch.float16, device)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
@@ -41,6 +46,11 @@ def test_gemms_on_gpu(fmt, device):
     test_gemm.test_gemm_w4a4(1, 64, 64, 32, fmt, "canonical", torch.float16, device)
     test_gemm.test_gemm_w4a16(97, 192, 3072, torch.bfloat16, "canonical", fmt, device)
     test_gemm.test_gemm_w4a16(3, 64, 128, torch.float16, "split_halves", fmt, device)
+    if fmt == "int4":
+        test_gemm.test_gemm_w4a4_unsigned_activations(
+            256, 64, 128, 8, "split_halves", torch.bfloat16, device
+        )
+        test_gemm.test_gemm_w4a4_unsigned_extreme_codes(device)
     if fmt == "nvfp4" and gemm_nvfp4.native_fp4(torch.device(device)):
         test_gemm.test_gemm_nvfp4_native_dot_scaled_path(device)
 
@@ -58,6 +68,11 @@ def test_attention_8bit_on_gpu(device, record_property):
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 def test_svdq_linear_on_gpu(fmt, device, triton_backend, monkeypatch):
     test_svdq_linear.test_svdq_linear_forward_through_triton(fmt, device, None, monkeypatch)
+    if fmt == "int4":
+        ops.set_backend("triton")  # the test above ends on the reference backend
+        test_svdq_linear.test_svdq_linear_unsigned_forward_through_triton(
+            "split_halves", device, None, monkeypatch
+        )
 
 
 def test_autotuned_int4_gemm_on_gpu(device, monkeypatch):

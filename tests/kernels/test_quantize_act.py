@@ -1,5 +1,6 @@
 """quantize_act kernel (interpreter): bit-exact codes and scales against the pure-torch reference,
-lora_act within the accuracy rule, every layout, edge cases of both formats."""
+lora_act within the accuracy rule, every layout, edge cases of both formats and of unsigned
+INT4 (act_unsigned)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from dcgen_quant import kernels, ops
-from dcgen_quant.formats import get_format
+from dcgen_quant.formats import UNSIGNED_ACT_SHIFT, get_format
 from dcgen_quant.formats.layouts import CANONICAL, from_layout
 
 from .accuracy import assert_within_reference_error
@@ -28,10 +29,11 @@ def on(device, *tensors):
     return [None if t is None else t.to(device) for t in tensors]
 
 
-def assert_bit_exact(x, smooth, down, fmt, layout, what, device="cpu"):
+def assert_bit_exact(x, smooth, down, fmt, layout, what, device="cpu", act_unsigned=False):
     """Run the kernel on ``device``; compare with the reference on CPU. Returns (q, scales)."""
-    q, s, la = (t.cpu() for t in kernels.quantize_act(*on(device, x, smooth, down), fmt, layout))
-    q_ref, s_ref, la_ref = ops.quantize_act_reference(x, smooth, down, fmt, CANONICAL)
+    q, s, la = kernels.quantize_act(*on(device, x, smooth, down), fmt, layout, act_unsigned)
+    q, s, la = q.cpu(), s.cpu(), la.cpu()
+    q_ref, s_ref, la_ref = ops.quantize_act_reference(x, smooth, down, fmt, CANONICAL, act_unsigned)
     m, k = x.shape
     assert q.shape == (m, k // 2) and q.dtype == torch.uint8
     assert s.dtype == s_ref.dtype and s.shape == s_ref.shape
@@ -121,6 +123,78 @@ def test_quantize_act_edge_cases(fmt, layout, dtype, device):
     assert_bit_exact(x, smooth, down, fmt, layout, what, device)
 
 
+def gelu_inputs(m, k, r, dtype, seed):
+    """GELU outputs (>= -0.16997, the input of a FeedForward's second linear) with a per-row
+    scale, plus about 2% of values below -UNSIGNED_ACT_SHIFT (shifted negative: code 0) and a
+    few exactly at it (shifted to 0); smooth and lora_down as in :func:`random_inputs`."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
+    x = torch.nn.functional.gelu(h, approximate="tanh")
+    below = torch.rand(m, k, generator=g) < 0.02
+    x = torch.where(below, -UNSIGNED_ACT_SHIFT - torch.rand(m, k, generator=g), x)
+    x[:, 5::97] = -UNSIGNED_ACT_SHIFT
+    x[:, 7::61] = -UNSIGNED_ACT_SHIFT - 0.5  # at least one below the shift in every row
+    smooth = (torch.rand(k, generator=g) * 2 + 0.25).to(dtype)
+    down = (torch.randn(k, r, generator=g) / k**0.5).to(dtype) if r else None
+    return x.to(dtype), smooth, down
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("m,k,r", SHAPES)
+def test_quantize_act_unsigned_bit_exact(m, k, r, layout, dtype, device):
+    x, smooth, down = gelu_inputs(m, k, r, dtype, seed=m * 5 + k + r)
+    assert (x < -UNSIGNED_ACT_SHIFT).any(dim=1).all()
+    if r == 0:
+        smooth = None
+    what = f"unsigned int4/{layout}/{dtype} M={m} K={k} r={r}"
+    q, _ = assert_bit_exact(x, smooth, down, "int4", layout, what, device, act_unsigned=True)
+    codes = from_layout(q, layout, "int4")
+    assert max((codes & 15).max(), (codes >> 4).max()) == 15  # the unsigned range is used
+
+
+def unsigned_edge_inputs(dtype: torch.dtype) -> torch.Tensor:
+    """Rows of 64-groups that hit the special cases of unsigned INT4 after the shift."""
+    g = torch.Generator().manual_seed(5)
+    shift = UNSIGNED_ACT_SHIFT
+    # u = x + shift with amax 15 -> scale exactly 1: u on the ties k + 0.5 (exact in fp16 / fp32)
+    ties = torch.tensor([15.0, 0.5, 1.5, 2.5, 3.5, 6.5, 7.5, 8.5, 13.5, 14.5, 0.25, 15.0])
+    groups = [ties.repeat(6)[:64] - shift]
+    groups.append(torch.full((64,), -shift))  # u = 0 everywhere: scale 0, codes 0
+    groups.append(-shift - torch.rand(64, generator=g) * 3)  # all u < 0: amax = max |u|, codes 0
+    mixed = torch.nn.functional.gelu(torch.randn(64, generator=g) * 2)
+    mixed[::3] = -shift - torch.rand(22, generator=g) * 4  # |u| of a negative sets the amax
+    groups.append(mixed)
+    # x just around -shift: tiny u of both signs (fp16 scales go subnormal)
+    near = torch.randint(-3, 4, (64,), generator=g).float()
+    groups.append(-shift * (1 + near * (2.0**-10 if dtype == torch.bfloat16 else 2.0**-20)))
+    groups.append((torch.rand(64, generator=g) - 0.05) * 6e4)  # large, finite in fp16
+    groups.append(torch.zeros(64))
+    groups.append(torch.full((64,), -0.0))
+    groups.append(torch.nn.functional.gelu(torch.randn(64, generator=g)))
+    row = torch.cat(groups)
+    rows = [row, row.roll(64), row * 0.37, row.flip(0)]
+    return torch.stack(rows).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_quantize_act_unsigned_edge_cases(layout, dtype, device):
+    x = unsigned_edge_inputs(dtype)
+    k = x.shape[1]
+    what = f"unsigned {layout}/{dtype} edge cases"
+    assert_bit_exact(x, None, None, "int4", layout, what, device, act_unsigned=True)
+    # through the smoothing division: 2 keeps the ties exact; a huge power of two gives scales
+    # below 2**-90 (the kernel's exact 2**64 pre-scaling; fp16 cannot hold 2**100, so 2**15)
+    down = torch.randn(k, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    huge = 2.0**15 if dtype == torch.float16 else 2.0**100
+    for value in (2.0, huge):
+        smooth = torch.full((k,), value, dtype=dtype)
+        smooth[64 * 3 : 64 * 4] = 0.5  # one group with a different smoothing
+        what = f"unsigned {layout}/{dtype} edge cases smoothed by {value}"
+        assert_bit_exact(x, smooth, down, "int4", layout, what, device, act_unsigned=True)
+
+
 def test_quantize_act_strided_input_and_rank_16(device):
     x, smooth, down = random_inputs(33, 256, 16, torch.bfloat16, seed=11)
     wide = torch.zeros(33, 512, dtype=torch.bfloat16, device=device)
@@ -142,3 +216,5 @@ def test_quantize_act_unsupported_calls_raise(device):
     big = torch.zeros(64, 300, dtype=torch.bfloat16, device=device)
     with pytest.raises(ops.BackendUnsupported, match="r=300"):
         kernels.quantize_act(x, smooth, big, "int4", CANONICAL)
+    with pytest.raises(ValueError, match="unsigned activations exist for int4 only"):
+        kernels.quantize_act(x, smooth, down, "nvfp4", CANONICAL, True)

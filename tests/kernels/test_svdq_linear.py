@@ -12,14 +12,15 @@ from dcgen_quant.nn import SVDQLinear, W4A16Linear
 
 from .accuracy import assert_within_reference_error
 from .test_gemm import w4a4_truth
+from .test_quantize_act import gelu_inputs
 
 pytestmark = pytest.mark.interpreter
 
 
-def make_layer(fmt, k=192, n=80, rank=16, dtype=torch.bfloat16, seed=0):
+def make_layer(fmt, k=192, n=80, rank=16, dtype=torch.bfloat16, seed=0, act_unsigned=False):
     """An SVDQLinear with random (but consistent) SVDQuant buffers."""
     g = torch.Generator().manual_seed(seed)
-    layer = SVDQLinear(k, n, rank=rank, fmt=fmt, bias=True, dtype=dtype)
+    layer = SVDQLinear(k, n, rank=rank, fmt=fmt, bias=True, dtype=dtype, act_unsigned=act_unsigned)
     smooth = torch.rand(k, generator=g) + 0.5
     residual = torch.randn(n, k, generator=g) / k**0.5
     qw = quantize_weight(residual, fmt, dtype)
@@ -68,6 +69,32 @@ def test_svdq_linear_forward_through_triton(fmt, device, triton_backend, monkeyp
     truth = w4a4_truth(q, s, ref_layer.qweight, ref_layer.wscales, la, ref_layer.proj_up,
                        ref_layer.bias, ref_layer.wtscale, fmt, "canonical")  # fmt: skip
     assert_within_reference_error(y.reshape(-1, 80), baseline.reshape(-1, 80), truth, fmt)
+
+
+@pytest.mark.parametrize("layout", ["split_halves", "canonical"])
+def test_svdq_linear_unsigned_forward_through_triton(layout, device, triton_backend, monkeypatch):
+    """An act_unsigned layer (the FeedForward's second linear, which reads a GELU output)."""
+    calls = spy(monkeypatch, "quantize_act", "gemm_w4a4")
+    layer = make_layer("int4", act_unsigned=True).to(device)
+    layer.set_layout(layout)
+    x = gelu_inputs(18, 192, 0, torch.bfloat16, seed=4)[0].reshape(2, 9, 192)
+    y = layer(x.to(device)).cpu()
+    assert calls == {"quantize_act": 1, "gemm_w4a4": 1}
+    assert y.shape == (2, 9, 80) and y.dtype == torch.bfloat16
+    ops.set_backend("reference")
+    ref_layer = make_layer("int4", act_unsigned=True)
+    baseline = ref_layer(x)
+    flat = x.reshape(-1, 192)
+    q, s, la = ops.quantize_act_reference(
+        flat, ref_layer.smooth_factor, ref_layer.proj_down, "int4", "canonical", True
+    )
+    truth = w4a4_truth(q, s, ref_layer.qweight, ref_layer.wscales, la, ref_layer.proj_up,
+                       ref_layer.bias, None, "int4", "canonical", True)  # fmt: skip
+    assert_within_reference_error(y.reshape(-1, 80), baseline.reshape(-1, 80), truth, "unsigned")
+    # a signed layer's output differs by far more than the tolerance above, so the check above
+    # fails unless the flag reached both kernels
+    signed = make_layer("int4")(x)
+    assert not torch.equal(signed, baseline)
 
 
 def test_w4a16_linear_forward_through_triton(device, triton_backend, monkeypatch):

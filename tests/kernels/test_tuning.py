@@ -15,6 +15,7 @@ from dcgen_quant.kernels import tuning
 from .accuracy import assert_within_reference_error
 from .test_attention import same_precision_reference, truth64
 from .test_gemm import make_w4a4, w4a4_truth
+from .test_quantize_act import gelu_inputs
 
 pytestmark = pytest.mark.interpreter
 
@@ -94,6 +95,29 @@ def test_autotuned_gemm_and_quantize_path(fmt, arch, exercise):
     q, s, _ = kernels.quantize_act(x, None, None, fmt, layout)
     q_ref, s_ref, _ = ops.quantize_act_reference(x, None, None, fmt, layout)
     assert torch.equal(q, q_ref) and torch.equal(s.view(torch.uint8), s_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_120"])
+def test_autotuned_unsigned_int4_path(arch, exercise):
+    """act_unsigned is not an autotune key: a configuration tuned for the signed kernel is reused
+    for the unsigned one at the same (M, N, K, r), which must still compile its own variant."""
+    benched = exercise(arch)
+    shape = (45, 96, 192, 8)  # a key no other test tunes
+    signed = make_w4a4(*shape, "int4", "split_halves", seed=6)
+    kernels.gemm_w4a4(*signed, "int4", torch.bfloat16, "split_halves")
+    assert benched, "the autotuner did not run"
+    benched.clear()
+    args = make_w4a4(*shape, "int4", "split_halves", seed=6, act_unsigned=True)
+    y = kernels.gemm_w4a4(*args, "int4", torch.bfloat16, "split_halves", True)
+    assert not benched, "same key: the tuned configuration is reused"
+    truth = w4a4_truth(*args, "int4", "split_halves", True)
+    baseline = ops.gemm_w4a4_reference(*args, "int4", torch.bfloat16, "split_halves", True)
+    assert_within_reference_error(y, baseline, truth, f"autotuned unsigned GEMM on {arch} path")
+    x = gelu_inputs(45, 192, 0, torch.bfloat16, seed=7)[0]
+    for layout in ("split_halves", "canonical"):
+        q, s, _ = kernels.quantize_act(x, None, None, "int4", layout, True)
+        q_ref, s_ref, _ = ops.quantize_act_reference(x, None, None, "int4", layout, True)
+        assert torch.equal(q, q_ref) and torch.equal(s.view(torch.int16), s_ref.view(torch.int16))
 
 
 def test_autotuned_attention_and_w4a16_path(exercise):
