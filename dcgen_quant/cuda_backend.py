@@ -182,15 +182,9 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _check_signed(act_unsigned: bool) -> None:
-    if act_unsigned:
-        raise _unsupported("the CUDA kernels do not read unsigned activations yet")
-
-
 def quantize_act(x, smooth, lora_down, fmt, layout=CANONICAL, act_unsigned=False):
     """Backend of ``dcgen_quant.ops.quantize_act`` (same arguments and results)."""
     lib = _lib()
-    _check_signed(act_unsigned)
     layout_code = _check_call(lib, lib.OP_QUANTIZE_ACT, fmt, layout, x.device)
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise _unsupported(f"x has dtype {x.dtype}; the CUDA kernels take bfloat16 or float16")
@@ -217,6 +211,7 @@ def quantize_act(x, smooth, lora_down, fmt, layout=CANONICAL, act_unsigned=False
             _stream(x.device),
             fmt=_fmt_code(lib, fmt),
             layout=layout_code,
+            act_unsigned=int(act_unsigned),
             m=m,
             k=k,
             rank=rank,
@@ -253,7 +248,6 @@ def gemm_w4a4(
 ):  # fmt: skip
     """Backend of ``dcgen_quant.ops.gemm_w4a4`` (same arguments and result)."""
     lib = _lib()
-    _check_signed(act_unsigned)
     layout_code = _check_call(lib, lib.OP_GEMM_W4A4, fmt, layout, q.device)
     spec = get_format(fmt)
     m, n, k = q.shape[0], qweight.shape[0], q.shape[1] * 2
@@ -283,6 +277,7 @@ def gemm_w4a4(
             _stream(q.device),
             fmt=_fmt_code(lib, fmt),
             layout=layout_code,
+            act_unsigned=int(act_unsigned),
             variant=_VARIANTS[variant],
             m=m,
             n=n,
@@ -366,7 +361,7 @@ def attention(q, k, v, scale):
     raise _unsupported("the CUDA library has no attention kernel; the triton backend serves it")
 
 
-def quantize_act_host(x, smooth, lora_down, fmt, layout=CANONICAL):
+def quantize_act_host(x, smooth, lora_down, fmt, layout=CANONICAL, act_unsigned=False):
     """quantize_act on the CPU with the CUDA kernels' own scalar arithmetic (csrc/kernels/
     quant_math.h); the bit-exact contract test runs this without a GPU.
 
@@ -390,6 +385,7 @@ def quantize_act_host(x, smooth, lora_down, fmt, layout=CANONICAL):
     status = lib.quantize_act_host(
         fmt=_fmt_code(lib, fmt),
         layout=_LAYOUTS[layout],
+        act_unsigned=int(act_unsigned),
         m=m,
         k=k,
         rank=rank,

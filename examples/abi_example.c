@@ -7,10 +7,12 @@
  *
  * 1. Shows that bad arguments come back as status codes with a message (never a crash): a NULL
  *    pointer, K not a multiple of the group, architectures this build has no kernel for.
- * 2. Quantizes a small activation on the CPU (dcgq_quantize_act_host).
- * 3. With a supported GPU: quantizes on the GPU (must equal the CPU bit for bit), runs the INT4
- *    W4A4 GEMM with the low-rank branch and bias, and compares with a double-precision host
- *    computation. Without one it reports DCGQ_ERROR_NO_DEVICE (or the missing architecture).
+ * 2. Quantizes a small activation on the CPU (dcgq_quantize_act_host), with signed and with
+ *    unsigned (act_unsigned = 1) INT4 codes.
+ * 3. With a supported GPU, for signed and unsigned activations: quantizes on the GPU (must equal
+ *    the CPU bit for bit), runs the INT4 W4A4 GEMM with the low-rank branch and bias, and
+ *    compares with a double-precision host computation. Without one it reports
+ *    DCGQ_ERROR_NO_DEVICE (or the missing architecture).
  * Exit status 0 when every check behaves as documented.
  */
 #include <cuda_runtime_api.h>
@@ -57,9 +59,10 @@ static double from_bf16(uint16_t h) {
   return f;
 }
 
-static int code_at(const uint8_t* row, int64_t e) { /* canonical layout, signed INT4 */
+/* canonical layout; signed INT4 (-8..7) or, with is_unsigned, unsigned (0..15) */
+static int code_at(const uint8_t* row, int64_t e, int is_unsigned) {
   int nib = (row[e / 2] >> (4 * (e % 2))) & 0xf;
-  return nib >= 8 ? nib - 16 : nib;
+  return (nib >= 8 && !is_unsigned) ? nib - 16 : nib;
 }
 
 static int has_arch(const char* arch) {
@@ -104,6 +107,11 @@ static void check_validation(void) {
   ga.wtscale = NULL; /* NVFP4 needs its tensor scale */
   expect("gemm_w4a4(nvfp4, wtscale = NULL)", dcgq_gemm_w4a4(&ga, 0), DCGQ_ERROR_INVALID_ARGUMENT);
 
+  ga.act_unsigned = 1; /* unsigned activation codes exist for INT4 only */
+  expect("gemm_w4a4(nvfp4, act_unsigned = 1)", dcgq_gemm_w4a4(&ga, 0), DCGQ_ERROR_INVALID_ARGUMENT);
+  qa.act_unsigned = 2; /* a flag: 0 or 1 */
+  expect("quantize_act(act_unsigned = 2)", dcgq_quantize_act(&qa, 0), DCGQ_ERROR_INVALID_ARGUMENT);
+
   expect("capability: gemm_w4a4 int4 on sm_75",
          dcgq_check_compute_capability(DCGQ_OP_GEMM_W4A4, DCGQ_FORMAT_INT4, 7, 5),
          DCGQ_ERROR_UNSUPPORTED);
@@ -127,6 +135,7 @@ typedef struct {
   uint8_t q[M * K / 2], qw[N * K / 2];
   uint16_t scales[M * K / G], wscales_nk[N * K / G], wscales[(K / G) * N];
   float lora_act[M * R];
+  int act_unsigned; /* q, scales: signed (0) or unsigned (1) activation codes */
 } problem;
 
 static dcgq_quantize_act_args act_args(problem* p, int with_lora) {
@@ -134,6 +143,7 @@ static dcgq_quantize_act_args act_args(problem* p, int with_lora) {
   memset(&a, 0, sizeof(a));
   a.fmt = DCGQ_FORMAT_INT4;
   a.layout = DCGQ_LAYOUT_CANONICAL;
+  a.act_unsigned = p->act_unsigned;
   a.x_dtype = DCGQ_DTYPE_BFLOAT16;
   a.m = M, a.k = K, a.rank = with_lora ? R : 0;
   a.x = p->x, a.ldx = K, a.smooth = p->smooth;
@@ -168,7 +178,8 @@ static double reference(const problem* p, int m, int n) {
   for (int g = 0; g < K / G; ++g) {
     long dot = 0;
     for (int e = g * G; e < (g + 1) * G; ++e)
-      dot += (long)code_at(p->q + m * (K / 2), e) * code_at(p->qw + n * (K / 2), e);
+      dot += (long)code_at(p->q + m * (K / 2), e, p->act_unsigned) *
+             code_at(p->qw + n * (K / 2), e, 0);
     y += from_bf16(p->scales[m * (K / G) + g]) * from_bf16(p->wscales[g * N + n]) * (double)dot;
   }
   for (int r = 0; r < R; ++r) y += (double)p->lora_act[m * R + r] * from_bf16(p->up[n * R + r]);
@@ -177,6 +188,73 @@ static double reference(const problem* p, int m, int n) {
 
 #define CUDA_OK(call) \
   (((call) == cudaSuccess) ? 1 : (printf("  %s failed\n", #call), failures++, 0))
+
+typedef struct {
+  void *x, *smooth, *down, *q, *scales, *lora_act, *qw, *wscales, *up, *bias, *y;
+} device_buffers;
+
+/* One GPU pass with the activation codes of p->act_unsigned: p->q, p->scales and p->lora_act
+ * hold the CPU quantizer's results for the same setting. */
+static void gpu_pass(problem* p, const device_buffers* d) {
+  const char* kind = p->act_unsigned ? "unsigned" : "signed";
+  char what[96];
+  size_t sq = sizeof(p->q), ssc = sizeof(p->scales), sla = sizeof(p->lora_act);
+  cudaMemset(d->q, 0xab, sq);
+  cudaMemset(d->scales, 0xab, ssc);
+  cudaMemset(d->y, 0xff, sizeof(float) * M * N);
+
+  dcgq_quantize_act_args da = act_args(p, 1);
+  da.x = d->x, da.smooth = d->smooth, da.lora_down = d->down, da.q = d->q;
+  da.scales = d->scales, da.lora_act = (float*)d->lora_act;
+  snprintf(what, sizeof(what), "quantize_act on the GPU (%s codes)", kind);
+  expect(what, dcgq_quantize_act(&da, 0), DCGQ_SUCCESS);
+
+  dcgq_gemm_w4a4_args ga;
+  memset(&ga, 0, sizeof(ga));
+  ga.fmt = DCGQ_FORMAT_INT4;
+  ga.act_unsigned = p->act_unsigned;
+  ga.scale_dtype = ga.io_dtype = DCGQ_DTYPE_BFLOAT16;
+  ga.out_dtype = DCGQ_DTYPE_FLOAT32;
+  ga.m = M, ga.n = N, ga.k = K, ga.rank = R;
+  ga.q = d->q, ga.ldq = K / 2, ga.scales = d->scales, ga.ld_scales = K / G;
+  ga.qweight = d->qw, ga.ldqw = K / 2, ga.wscales = d->wscales, ga.ld_wscales = N;
+  ga.lora_act = (const float*)d->lora_act, ga.ld_lora_act = R;
+  ga.proj_up = d->up, ga.ld_proj_up = R;
+  ga.bias = d->bias, ga.out = d->y, ga.ldo = N;
+  snprintf(what, sizeof(what), "gemm_w4a4 on the GPU (%s activations)", kind);
+  expect(what, dcgq_gemm_w4a4(&ga, 0), DCGQ_SUCCESS);
+  CUDA_OK(cudaDeviceSynchronize());
+
+  uint8_t* gq = malloc(sq);
+  uint16_t* gsc = malloc(ssc);
+  float* gla = malloc(sla);
+  float* gy = malloc(sizeof(float) * M * N);
+  cudaMemcpy(gq, d->q, sq, cudaMemcpyDeviceToHost);
+  cudaMemcpy(gsc, d->scales, ssc, cudaMemcpyDeviceToHost);
+  cudaMemcpy(gla, d->lora_act, sla, cudaMemcpyDeviceToHost);
+  cudaMemcpy(gy, d->y, sizeof(float) * M * N, cudaMemcpyDeviceToHost);
+
+  const int q_equal = memcmp(gq, p->q, sq) == 0 && memcmp(gsc, p->scales, ssc) == 0;
+  printf("GPU codes and scales equal the CPU's bit for bit (%s): %s\n", kind,
+         q_equal ? "yes" : "NO");
+  if (!q_equal) failures++;
+  double la_err = 0.0, la_max = 0.0, y_err = 0.0, y_max = 0.0;
+  for (int i = 0; i < M * R; ++i) {
+    la_err = fmax(la_err, fabs((double)gla[i] - p->lora_act[i]));
+    la_max = fmax(la_max, fabs((double)p->lora_act[i]));
+  }
+  memcpy(p->lora_act, gla, sla); /* the GEMM reference uses the GPU's lora_act */
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      double ref = reference(p, m, n);
+      y_err = fmax(y_err, fabs(gy[m * N + n] - ref));
+      y_max = fmax(y_max, fabs(ref));
+    }
+  printf("%s: lora_act max |GPU - CPU| / max|CPU| = %.3g; y max |GPU - ref| / max|ref| = %.3g\n",
+         kind, la_err / la_max, y_err / y_max);
+  if (!(la_err <= 1e-5 * la_max) || !(y_err <= 1e-5 * y_max)) failures++;
+  free(gq), free(gsc), free(gla), free(gy);
+}
 
 static void run_gpu(problem* p) {
   int devices = 0, dev = 0, major = 0, minor = 0;
@@ -201,76 +279,37 @@ static void run_gpu(problem* p) {
       "GPU sm_%d%d: gemm_w4a4 kernel %s\n", major, minor,
       dcgq_selected_kernel(DCGQ_OP_GEMM_W4A4, DCGQ_FORMAT_INT4, DCGQ_VARIANT_AUTO, major, minor));
 
-  /* device copies of everything; outputs poisoned first */
-  void *dx, *dsm, *ddown, *dq, *dsc, *dla, *dqw, *dwsc, *dup, *dbias, *dy;
-  size_t sx = sizeof(p->x), sq = sizeof(p->q), ssc = sizeof(p->scales), sla = sizeof(p->lora_act);
-  if (!(CUDA_OK(cudaMalloc(&dx, sx)) && CUDA_OK(cudaMalloc(&dsm, sizeof(p->smooth))) &&
-        CUDA_OK(cudaMalloc(&ddown, sizeof(p->down))) && CUDA_OK(cudaMalloc(&dq, sq)) &&
-        CUDA_OK(cudaMalloc(&dsc, ssc)) && CUDA_OK(cudaMalloc(&dla, sla)) &&
-        CUDA_OK(cudaMalloc(&dqw, sizeof(p->qw))) &&
-        CUDA_OK(cudaMalloc(&dwsc, sizeof(p->wscales))) &&
-        CUDA_OK(cudaMalloc(&dup, sizeof(p->up))) && CUDA_OK(cudaMalloc(&dbias, sizeof(p->bias))) &&
-        CUDA_OK(cudaMalloc(&dy, sizeof(float) * M * N))))
+  /* device copies of the inputs; outputs are poisoned by each pass */
+  device_buffers d;
+  if (!(CUDA_OK(cudaMalloc(&d.x, sizeof(p->x))) &&
+        CUDA_OK(cudaMalloc(&d.smooth, sizeof(p->smooth))) &&
+        CUDA_OK(cudaMalloc(&d.down, sizeof(p->down))) && CUDA_OK(cudaMalloc(&d.q, sizeof(p->q))) &&
+        CUDA_OK(cudaMalloc(&d.scales, sizeof(p->scales))) &&
+        CUDA_OK(cudaMalloc(&d.lora_act, sizeof(p->lora_act))) &&
+        CUDA_OK(cudaMalloc(&d.qw, sizeof(p->qw))) &&
+        CUDA_OK(cudaMalloc(&d.wscales, sizeof(p->wscales))) &&
+        CUDA_OK(cudaMalloc(&d.up, sizeof(p->up))) &&
+        CUDA_OK(cudaMalloc(&d.bias, sizeof(p->bias))) &&
+        CUDA_OK(cudaMalloc(&d.y, sizeof(float) * M * N))))
     return;
-  cudaMemcpy(dx, p->x, sx, cudaMemcpyHostToDevice);
-  cudaMemcpy(dsm, p->smooth, sizeof(p->smooth), cudaMemcpyHostToDevice);
-  cudaMemcpy(ddown, p->down, sizeof(p->down), cudaMemcpyHostToDevice);
-  cudaMemcpy(dqw, p->qw, sizeof(p->qw), cudaMemcpyHostToDevice);
-  cudaMemcpy(dwsc, p->wscales, sizeof(p->wscales), cudaMemcpyHostToDevice);
-  cudaMemcpy(dup, p->up, sizeof(p->up), cudaMemcpyHostToDevice);
-  cudaMemcpy(dbias, p->bias, sizeof(p->bias), cudaMemcpyHostToDevice);
-  cudaMemset(dq, 0xab, sq);
-  cudaMemset(dsc, 0xab, ssc);
-  cudaMemset(dy, 0xff, sizeof(float) * M * N);
+  cudaMemcpy(d.x, p->x, sizeof(p->x), cudaMemcpyHostToDevice);
+  cudaMemcpy(d.smooth, p->smooth, sizeof(p->smooth), cudaMemcpyHostToDevice);
+  cudaMemcpy(d.down, p->down, sizeof(p->down), cudaMemcpyHostToDevice);
+  cudaMemcpy(d.qw, p->qw, sizeof(p->qw), cudaMemcpyHostToDevice);
+  cudaMemcpy(d.wscales, p->wscales, sizeof(p->wscales), cudaMemcpyHostToDevice);
+  cudaMemcpy(d.up, p->up, sizeof(p->up), cudaMemcpyHostToDevice);
+  cudaMemcpy(d.bias, p->bias, sizeof(p->bias), cudaMemcpyHostToDevice);
 
-  dcgq_quantize_act_args da = qa;
-  da.x = dx, da.smooth = dsm, da.lora_down = ddown, da.q = dq, da.scales = dsc;
-  da.lora_act = (float*)dla;
-  expect("quantize_act on the GPU", dcgq_quantize_act(&da, 0), DCGQ_SUCCESS);
-
-  dcgq_gemm_w4a4_args ga;
-  memset(&ga, 0, sizeof(ga));
-  ga.fmt = DCGQ_FORMAT_INT4;
-  ga.scale_dtype = ga.io_dtype = DCGQ_DTYPE_BFLOAT16;
-  ga.out_dtype = DCGQ_DTYPE_FLOAT32;
-  ga.m = M, ga.n = N, ga.k = K, ga.rank = R;
-  ga.q = dq, ga.ldq = K / 2, ga.scales = dsc, ga.ld_scales = K / G;
-  ga.qweight = dqw, ga.ldqw = K / 2, ga.wscales = dwsc, ga.ld_wscales = N;
-  ga.lora_act = (const float*)dla, ga.ld_lora_act = R, ga.proj_up = dup, ga.ld_proj_up = R;
-  ga.bias = dbias, ga.out = dy, ga.ldo = N;
-  expect("gemm_w4a4 on the GPU", dcgq_gemm_w4a4(&ga, 0), DCGQ_SUCCESS);
-  CUDA_OK(cudaDeviceSynchronize());
-
-  uint8_t* gq = malloc(sq);
-  uint16_t* gsc = malloc(ssc);
-  float* gla = malloc(sla);
-  float* gy = malloc(sizeof(float) * M * N);
-  cudaMemcpy(gq, dq, sq, cudaMemcpyDeviceToHost);
-  cudaMemcpy(gsc, dsc, ssc, cudaMemcpyDeviceToHost);
-  cudaMemcpy(gla, dla, sla, cudaMemcpyDeviceToHost);
-  cudaMemcpy(gy, dy, sizeof(float) * M * N, cudaMemcpyDeviceToHost);
-
-  const int q_equal = memcmp(gq, p->q, sq) == 0 && memcmp(gsc, p->scales, ssc) == 0;
-  printf("GPU codes and scales equal the CPU's bit for bit: %s\n", q_equal ? "yes" : "NO");
-  if (!q_equal) failures++;
-  double la_err = 0.0, la_max = 0.0, y_err = 0.0, y_max = 0.0;
-  for (int i = 0; i < M * R; ++i) {
-    la_err = fmax(la_err, fabs((double)gla[i] - p->lora_act[i]));
-    la_max = fmax(la_max, fabs((double)p->lora_act[i]));
+  for (int uns = 0; uns <= 1; ++uns) {
+    p->act_unsigned = uns;
+    dcgq_quantize_act_args ha = act_args(p, 1); /* the CPU results this pass compares with */
+    expect(uns ? "quantize_act_host(unsigned codes)" : "quantize_act_host(signed codes)",
+           dcgq_quantize_act_host(&ha), DCGQ_SUCCESS);
+    gpu_pass(p, &d);
   }
-  memcpy(p->lora_act, gla, sla); /* the GEMM reference uses the GPU's lora_act */
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) {
-      double ref = reference(p, m, n);
-      y_err = fmax(y_err, fabs(gy[m * N + n] - ref));
-      y_max = fmax(y_max, fabs(ref));
-    }
-  printf("lora_act max |GPU - CPU| / max|CPU| = %.3g; y max |GPU - ref| / max|ref| = %.3g\n",
-         la_err / la_max, y_err / y_max);
-  if (!(la_err <= 1e-5 * la_max) || !(y_err <= 1e-5 * y_max)) failures++;
-  free(gq), free(gsc), free(gla), free(gy);
-  cudaFree(dx), cudaFree(dsm), cudaFree(ddown), cudaFree(dq), cudaFree(dsc), cudaFree(dla);
-  cudaFree(dqw), cudaFree(dwsc), cudaFree(dup), cudaFree(dbias), cudaFree(dy);
+  cudaFree(d.x), cudaFree(d.smooth), cudaFree(d.down), cudaFree(d.q), cudaFree(d.scales);
+  cudaFree(d.lora_act), cudaFree(d.qw), cudaFree(d.wscales), cudaFree(d.up), cudaFree(d.bias);
+  cudaFree(d.y);
 }
 
 int main(void) {
@@ -280,11 +319,16 @@ int main(void) {
 
   problem* p = calloc(1, sizeof(problem));
   make_problem(p);
-  dcgq_quantize_act_args qa = act_args(p, 1);
-  expect("quantize_act_host(x [37, 256], rank 16)", dcgq_quantize_act_host(&qa), DCGQ_SUCCESS);
-  unsigned long sum = 0;
-  for (int i = 0; i < M * K / 2; ++i) sum = sum * 31u + p->q[i];
-  printf("host codes checksum: %lu\n", sum);
+  unsigned long sum[2] = {0, 0};
+  for (int uns = 1; uns >= 0; --uns) { /* ends with the signed codes in p */
+    p->act_unsigned = uns;
+    dcgq_quantize_act_args qa = act_args(p, 1);
+    expect(uns ? "quantize_act_host(x [37, 256], rank 16, unsigned)"
+               : "quantize_act_host(x [37, 256], rank 16)",
+           dcgq_quantize_act_host(&qa), DCGQ_SUCCESS);
+    for (int i = 0; i < M * K / 2; ++i) sum[uns] = sum[uns] * 31u + p->q[i];
+  }
+  printf("host codes checksum: %lu (signed), %lu (unsigned)\n", sum[0], sum[1]);
   run_gpu(p);
   free(p);
   printf("%s\n", failures ? "FAILED" : "OK");

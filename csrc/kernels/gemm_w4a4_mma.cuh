@@ -3,6 +3,9 @@
 //   kS8   INT4 on 8-bit MMAs: int4 -> int8 in registers, two mma.sync m16n8k32 s8.s8 per k64
 //         (sm_90a alternative to wgmma; sm_120a, whose 4-bit integer MMA is emulated anyway);
 //   kFp4  NVFP4 on mma.sync m16n8k64 kind::mxf4nvf4.block_scale.scale_vec::4X (sm_120a).
+// kS4 and kS8 have an unsigned-activation instantiation (kUnsigned, act_unsigned = 1: codes
+// 0..15 in q, weights still -8..7): the MMA's A type becomes u4 (m16n8k64 .u4.s4) or u8
+// (m16n8k32 .u8.s8); fragments, widening and rescale are the same code.
 //
 // CTA 128 x 128 output tile, 8 warps as 2 (M) x 4 (N), warp tile 64 x 32 (4 m16 x 4 n8 MMA
 // tiles). K advances 128 codes (64 bytes per row) per stage through a 3-stage cp.async
@@ -20,7 +23,10 @@
 // 1.5 * 2^23 + dot, exactly (|dot| < 2^22); fma(f, sa, -1.5 * 2^23 * sa) = round(dot * sa) in
 // one instruction, and a second fma adds it times sw. No int->float conversion instruction.
 // kS8 operands are 16 * code (nibble in the high half of each byte), the MMA sums 256 * dot,
-// and the epilogue divides by 256 (exact). NVFP4 needs none of this: the MMA applies the E4M3
+// and the epilogue divides by 256 (exact). Bounds on the integer sum per group of 64:
+//   signed   kS4 |dot| <= 64 * 8 * 8 = 4096;         kS8 |256 dot| <= 64 * 128 * 128 = 2^20;
+//   unsigned kS4 |dot| <= 64 * 15 * 8 = 7680;        kS8 |256 dot| <= 64 * 240 * 128 = 1966080;
+// all below 2^22 (the magic-number limit). NVFP4 needs none of this: the MMA applies the E4M3
 // block scales itself and accumulates in float32.
 #pragma once
 
@@ -41,10 +47,11 @@ constexpr int kGSmem = kGStages * 2 * kGTile;
 constexpr int kMagicBits = 0x4B400000;  // 1.5 * 2^23 as float32 bits
 constexpr float kMagic = 12582912.0f;
 
-template <MmaKind kKind>
+template <MmaKind kKind, bool kUnsigned>
 __global__ void __launch_bounds__(kGThreads, 1)
     gemm_w4a4_mma_kernel(const dcgq_gemm_w4a4_args a, bool vec16) {
   using namespace dev;
+  static_assert(!(kUnsigned && kKind == MmaKind::kFp4), "unsigned activations are INT4 only");
   constexpr int MT = 4, NT = 4;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -194,16 +201,16 @@ __global__ void __launch_bounds__(kGThreads, 1)
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
             if constexpr (kKind == MmaKind::kS4) {
-              mma_s4(d[i][j], af[i], bfr[j][0], bfr[j][1], magic);
+              mma_s4<kUnsigned>(d[i][j], af[i], bfr[j][0], bfr[j][1], magic);
             } else {
               // Codes 8t..8t+7 of the k32 half: even ones form the 8-bit k 4t..4t+3, odd ones
               // k 16+4t..16+4t+3 - the same permutation of k for A and B, so the dot is kept.
-              mma_s8(d[i][j], int4_even_x16(af[i][0]), int4_even_x16(af[i][1]),
-                     int4_odd_x16(af[i][0]), int4_odd_x16(af[i][1]), int4_even_x16(bfr[j][0]),
-                     int4_odd_x16(bfr[j][0]), magic);
-              mma_s8(d[i][j], int4_even_x16(af[i][2]), int4_even_x16(af[i][3]),
-                     int4_odd_x16(af[i][2]), int4_odd_x16(af[i][3]), int4_even_x16(bfr[j][1]),
-                     int4_odd_x16(bfr[j][1]), d[i][j]);
+              mma_s8<kUnsigned>(d[i][j], int4_even_x16(af[i][0]), int4_even_x16(af[i][1]),
+                                int4_odd_x16(af[i][0]), int4_odd_x16(af[i][1]),
+                                int4_even_x16(bfr[j][0]), int4_odd_x16(bfr[j][0]), magic);
+              mma_s8<kUnsigned>(d[i][j], int4_even_x16(af[i][2]), int4_even_x16(af[i][3]),
+                                int4_odd_x16(af[i][2]), int4_odd_x16(af[i][3]),
+                                int4_even_x16(bfr[j][1]), int4_odd_x16(bfr[j][1]), d[i][j]);
             }
           }
         }
@@ -237,9 +244,9 @@ __global__ void __launch_bounds__(kGThreads, 1)
   w4a4_epilogue<MT, NT>(acc, m0 + wm * 64, n0 + wn * 32, scale, a);
 }
 
-template <MmaKind kKind>
-dcgq_status launch_gemm_w4a4_mma(const dcgq_gemm_w4a4_args& a, cudaStream_t stream) {
-  auto kernel = gemm_w4a4_mma_kernel<kKind>;
+template <MmaKind kKind, bool kUnsigned>
+dcgq_status launch_gemm_w4a4_mma_typed(const dcgq_gemm_w4a4_args& a, cudaStream_t stream) {
+  auto kernel = gemm_w4a4_mma_kernel<kKind, kUnsigned>;
   DCGQ_RETURN_IF_ERROR(
       cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGSmem),
                   "gemm_w4a4: cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"));
@@ -253,6 +260,16 @@ dcgq_status launch_gemm_w4a4_mma(const dcgq_gemm_w4a4_args& a, cudaStream_t stre
   }
   kernel<<<grid, kGThreads, kGSmem, stream>>>(a, vec16);
   return cuda_status(cudaGetLastError(), "gemm_w4a4 kernel launch");
+}
+
+// The registered launcher: picks the signed or unsigned-activation kernel (act_unsigned is
+// validated: 0 / 1, and 0 for NVFP4).
+template <MmaKind kKind>
+dcgq_status launch_gemm_w4a4_mma(const dcgq_gemm_w4a4_args& a, cudaStream_t stream) {
+  if constexpr (kKind != MmaKind::kFp4) {
+    if (a.act_unsigned) return launch_gemm_w4a4_mma_typed<kKind, true>(a, stream);
+  }
+  return launch_gemm_w4a4_mma_typed<kKind, false>(a, stream);
 }
 
 }  // namespace

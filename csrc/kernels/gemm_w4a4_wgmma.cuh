@@ -21,6 +21,12 @@
 // would overlap more, but ptxas then inserts a wait, warning C7517, for the loop-carried D1.)
 // The rescale (an integer add and two FMAs per element and group) costs about as many issue
 // slots as the MMA takes cycles, so this kernel is bounded by the ALUs, not the tensor cores.
+//
+// Unsigned activations (kUnsigned, act_unsigned = 1: codes 0..15 in q): the widening is the
+// same bit operation, whose bytes read as u8 are 16 * code = 0..240, and the MMA becomes
+// wgmma ... s32.u8.s8 (A unsigned, B signed). The rescale's magic-number conversion needs
+// |256 * dot| < 2^22 per group of 64: signed |256 dot| <= 64 * 128 * 128 = 2^20, unsigned
+// |256 dot| <= 64 * 240 * 128 = 1966080 < 2^21.
 #pragma once
 
 #include "gemm_common.cuh"
@@ -75,27 +81,42 @@ __device__ __forceinline__ void fence_operands(int (&d)[64]) {
   "+r"(d[i]), "+r"(d[i + 1]), "+r"(d[i + 2]), "+r"(d[i + 3]), "+r"(d[i + 4]), "+r"(d[i + 5]), \
       "+r"(d[i + 6]), "+r"(d[i + 7])
 
-// wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8: d (+)= A(desc) * B(desc).
-__device__ __forceinline__ void wgmma_s8_m64n128k32(int (&d)[64], uint64_t da, uint64_t db,
-                                                    int accumulate) {
+// The operand list of an m64n128 wgmma with a predicate p (set from %66): 64 accumulator
+// registers, the two descriptors.
+#define DCGQ_WGMMA_N128_OPERANDS                                                               \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "     \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, " \
+  "%37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, " \
+  "%55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p;\n"
+#define DCGQ_WGMMA_N128_OUTPUTS                                                            \
+  DCGQ_D8(0), DCGQ_D8(8), DCGQ_D8(16), DCGQ_D8(24), DCGQ_D8(32), DCGQ_D8(40), DCGQ_D8(48), \
+      DCGQ_D8(56)
+
+// wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 (kUnsignedA: .s32.u8.s8, A unsigned):
+// d (+)= A(desc) * B(desc).
+template <bool kUnsignedA>
+__device__ __forceinline__ void wgmma_8bit_m64n128k32(int (&d)[64], uint64_t da, uint64_t db,
+                                                      int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
-      "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "
-      "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p;\n"
-      "}\n"
-      : DCGQ_D8(0), DCGQ_D8(8), DCGQ_D8(16), DCGQ_D8(24), DCGQ_D8(32), DCGQ_D8(40), DCGQ_D8(48),
-        DCGQ_D8(56)
-      : "l"(da), "l"(db), "r"(accumulate));
+  if constexpr (kUnsignedA) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " DCGQ_WGMMA_N128_OPERANDS "}\n"
+        : DCGQ_WGMMA_N128_OUTPUTS
+        : "l"(da), "l"(db), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 " DCGQ_WGMMA_N128_OPERANDS "}\n"
+        : DCGQ_WGMMA_N128_OUTPUTS
+        : "l"(da), "l"(db), "r"(accumulate));
+  }
 #else
   __trap();  // only instantiated in sm_90a translation units
 #endif
 }
+#undef DCGQ_WGMMA_N128_OUTPUTS
+#undef DCGQ_WGMMA_N128_OPERANDS
 #undef DCGQ_D8
 
 // Unpack one packed stage (A and B: 128 rows x 64 bytes each) into int8 swizzled tiles.
@@ -116,6 +137,7 @@ __device__ __forceinline__ void unpack_stage(const uint8_t* packed, uint8_t* int
   }
 }
 
+template <bool kUnsigned>
 __global__ void __launch_bounds__(kHThreads, 1)
     gemm_w4a4_wgmma_kernel(const dcgq_gemm_w4a4_args a, bool vec16) {
   using namespace dev;
@@ -227,8 +249,9 @@ __global__ void __launch_bounds__(kHThreads, 1)
     const float* sbuf = scalebuf + buf * kHScaleFloats;
 
     wgmma_fence();
-    wgmma_s8_m64n128k32(d0, wgmma_desc_sw128(abase), wgmma_desc_sw128(bbase), 0);
-    wgmma_s8_m64n128k32(d0, wgmma_desc_sw128(abase + 32), wgmma_desc_sw128(bbase + 32), 1);
+    wgmma_8bit_m64n128k32<kUnsigned>(d0, wgmma_desc_sw128(abase), wgmma_desc_sw128(bbase), 0);
+    wgmma_8bit_m64n128k32<kUnsigned>(d0, wgmma_desc_sw128(abase + 32), wgmma_desc_sw128(bbase + 32),
+                                     1);
     wgmma_commit();
 
     // while group 2s runs: prefetch, and widen stage s + 1 into the other buffer
@@ -240,8 +263,10 @@ __global__ void __launch_bounds__(kHThreads, 1)
     }
 
     wgmma_fence();
-    wgmma_s8_m64n128k32(d1, wgmma_desc_sw128(abase + 64), wgmma_desc_sw128(bbase + 64), 0);
-    wgmma_s8_m64n128k32(d1, wgmma_desc_sw128(abase + 96), wgmma_desc_sw128(bbase + 96), 1);
+    wgmma_8bit_m64n128k32<kUnsigned>(d1, wgmma_desc_sw128(abase + 64), wgmma_desc_sw128(bbase + 64),
+                                     0);
+    wgmma_8bit_m64n128k32<kUnsigned>(d1, wgmma_desc_sw128(abase + 96), wgmma_desc_sw128(bbase + 96),
+                                     1);
     wgmma_commit();
 
     wgmma_wait<1>();  // group 2s done; 2s + 1 runs while it is rescaled
@@ -256,10 +281,11 @@ __global__ void __launch_bounds__(kHThreads, 1)
   w4a4_epilogue<1, 16>(acc, m0 + 64 * wg + 16 * w4, n0, 1.0f / 256.0f, a);
 }
 
-dcgq_status launch_gemm_w4a4_wgmma(const dcgq_gemm_w4a4_args& a, cudaStream_t stream) {
+template <bool kUnsigned>
+dcgq_status launch_gemm_w4a4_wgmma_typed(const dcgq_gemm_w4a4_args& a, cudaStream_t stream) {
+  auto kernel = gemm_w4a4_wgmma_kernel<kUnsigned>;
   DCGQ_RETURN_IF_ERROR(
-      cuda_status(cudaFuncSetAttribute(gemm_w4a4_wgmma_kernel,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kHSmem),
+      cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kHSmem),
                   "gemm_w4a4 (wgmma): cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"));
   const bool vec16 = a.ldq % 16 == 0 && a.ldqw % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(a.q) % 16 == 0 &&
@@ -269,8 +295,14 @@ dcgq_status launch_gemm_w4a4_wgmma(const dcgq_gemm_w4a4_args& a, cudaStream_t st
     return fail(DCGQ_ERROR_UNSUPPORTED, "dcgq_gemm_w4a4: n = %lld exceeds %u output tiles",
                 (long long)a.n, 65535u * kHBN);
   }
-  gemm_w4a4_wgmma_kernel<<<grid, kHThreads, kHSmem, stream>>>(a, vec16);
+  kernel<<<grid, kHThreads, kHSmem, stream>>>(a, vec16);
   return cuda_status(cudaGetLastError(), "gemm_w4a4 (wgmma) kernel launch");
+}
+
+// The registered launcher: signed or unsigned activations (act_unsigned validated 0 / 1).
+dcgq_status launch_gemm_w4a4_wgmma(const dcgq_gemm_w4a4_args& a, cudaStream_t stream) {
+  return a.act_unsigned ? launch_gemm_w4a4_wgmma_typed<true>(a, stream)
+                        : launch_gemm_w4a4_wgmma_typed<false>(a, stream);
 }
 
 }  // namespace

@@ -10,7 +10,10 @@
 //   * e4m3 saturates at 448 ("satfinite", the semantics of cvt.rn.satfinite.e4m3x2.f32), which
 //     equals the reference's clamp(max=448) followed by the cast;
 //   * the E2M1 code is the sign bit of v (so -0.0 and negatives rounding to zero give code 8)
-//     plus the magnitude rounded to nearest, ties to the even code, saturating at 6.
+//     plus the magnitude rounded to nearest, ties to the even code, saturating at 6;
+//   * unsigned INT4 activations: u = (x + 0.171875) / smooth, both steps correctly rounded
+//     float32 in that order (an addition cannot fuse with a division), amax = max |u| (so
+//     negative u, from x below -0.171875, still count), scale = amax / 15, codes 0..15.
 #pragma once
 
 #include <stdint.h>
@@ -52,6 +55,14 @@ DCGQ_HD float div_rn(float a, float b) {
   return __fdiv_rn(a, b);
 #else
   return a / b;
+#endif
+}
+
+DCGQ_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);  // never contracted into an FMA
+#else
+  return a + b;
 #endif
 }
 
@@ -140,10 +151,15 @@ DCGQ_HD uint8_t f32_to_e4m3_satfinite(float f) {
 
 // ---- INT4 ------------------------------------------------------------------------------------
 
-// Scale of an INT4 group from its amax: (amax / 7) rounded to the 16-bit scale dtype. Returns the
-// scale's bits; *divisor is the float32 value codes are computed with (1 for a zero scale).
-DCGQ_HD uint16_t int4_scale(float amax, bool bf16, float* divisor) {
-  const float s = div_rn(amax, 7.0f);
+// The shift of unsigned INT4 activations (formats/int4.py UNSIGNED_ACT_SHIFT; the C header's
+// DCGQ_UNSIGNED_ACT_SHIFT): 11/64, exact in every float type, >= -min GELU (0.16997).
+constexpr float kUnsignedActShift = 0.171875f;
+
+// Scale of an INT4 group from its amax: (amax / qmax) rounded to the 16-bit scale dtype, qmax 7
+// (signed codes) or 15 (unsigned). Returns the scale's bits; *divisor is the float32 value codes
+// are computed with (1 for a zero scale).
+DCGQ_HD uint16_t int4_scale(float amax, float qmax, bool bf16, float* divisor) {
+  const float s = div_rn(amax, qmax);
   const uint16_t bits = bf16 ? f32_to_bf16(s) : f32_to_f16(s);
   const float d = bf16 ? bf16_to_f32(bits) : f16_to_f32(bits);
   *divisor = (d == 0.0f) ? 1.0f : d;
@@ -155,6 +171,13 @@ DCGQ_HD uint32_t int4_nibble(float xs, float divisor) {
   float q = round_half_even(div_rn(xs, divisor));
   q = q < -8.0f ? -8.0f : (q > 7.0f ? 7.0f : q);
   return uint32_t(int(q)) & 0xfu;
+}
+
+// Unsigned INT4 code 0..15 of u (already shifted and smoothed); negative u clamps to 0.
+DCGQ_HD uint32_t uint4_nibble(float u, float divisor) {
+  float q = round_half_even(div_rn(u, divisor));
+  q = q < 0.0f ? 0.0f : (q > 15.0f ? 15.0f : q);
+  return uint32_t(int(q));
 }
 
 // ---- NVFP4 (activations: block scales only) ---------------------------------------------------

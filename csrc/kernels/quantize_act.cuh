@@ -6,6 +6,8 @@
 //   * the quantizer: a thread takes 8 consecutive elements (one 16-byte vector); the 8 (INT4,
 //     G = 64) or 2 (NVFP4, G = 16) lanes of a group reduce the amax with shuffles; the scale and
 //     codes come from kernels/quant_math.h, the code the CPU path dcgq_quantize_act_host runs;
+//     unsigned INT4 (kUnsigned, act_unsigned = 1) adds the shift before the smoothing division
+//     and quantizes to codes 0..15 with amax / 15;
 //   * the projection: mma.sync m16n8k16 (bf16 or f16, fp32 accumulate) with x as A (ldmatrix)
 //     and the matching 128-row slice of lora_down as B (ldmatrix.trans); warp w owns rows
 //     16 * (w % 2) .. + 16 and n-tiles 8 * (w / 2) .. + 8, so rank <= 128.
@@ -26,10 +28,11 @@ constexpr int kQXStage = kQRows * kQXPitch;  // bytes of x per stage
 
 __device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 
-template <bool kNvfp4>
+template <bool kNvfp4, bool kUnsigned>
 __global__ void __launch_bounds__(kQThreads, 4)
     quantize_act_kernel(const dcgq_quantize_act_args a, int rp, bool down_vec) {
   using namespace dev;
+  static_assert(!(kNvfp4 && kUnsigned), "unsigned codes exist for INT4 only");
   constexpr int G = kNvfp4 ? 16 : 64;
   constexpr int kLanesPerGroup = G / 8;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -104,6 +107,10 @@ __global__ void __launch_bounds__(kQThreads, 4)
         v[2 * i] = half_bits_to_f32(uint16_t(w[i] & 0xffffu), bf16);
         v[2 * i + 1] = half_bits_to_f32(uint16_t(w[i] >> 16), bf16);
       }
+      if constexpr (kUnsigned) {  // the unshifted x stays in shared memory for lora_act
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = qmath::add_rn(v[i], qmath::kUnsignedActShift);
+      }
       if (a.smooth != nullptr && valid) {
         const uint4 sraw =
             __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.smooth) + gk));
@@ -126,13 +133,19 @@ __global__ void __launch_bounds__(kQThreads, 4)
       if constexpr (kNvfp4) {
         scale_bits = qmath::nvfp4_act_scale(amax, &divisor);
       } else {
-        scale_bits = qmath::int4_scale(amax, bf16, &divisor);
+        scale_bits = qmath::int4_scale(amax, kUnsigned ? 15.0f : 7.0f, bf16, &divisor);
       }
       uint32_t packed = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const uint32_t nib =
-            kNvfp4 ? qmath::nvfp4_nibble(v[i], divisor) : qmath::int4_nibble(v[i], divisor);
+        uint32_t nib;
+        if constexpr (kNvfp4) {
+          nib = qmath::nvfp4_nibble(v[i], divisor);
+        } else if constexpr (kUnsigned) {
+          nib = qmath::uint4_nibble(v[i], divisor);
+        } else {
+          nib = qmath::int4_nibble(v[i], divisor);
+        }
         packed |= nib << (4 * i);
       }
       const int s = ch % kLanesPerGroup;  // position of this lane's 8 elements in the group
@@ -205,13 +218,13 @@ __global__ void __launch_bounds__(kQThreads, 4)
   }
 }
 
-template <bool kNvfp4>
+template <bool kNvfp4, bool kUnsigned>
 dcgq_status launch_quantize_act_fmt(const dcgq_quantize_act_args& a, cudaStream_t stream) {
   const int rp = a.rank > 0 ? int((a.rank + 15) / 16 * 16) : 0;
   const bool down_vec = a.rank > 0 && a.rank % 8 == 0 && a.ld_lora_down % 8 == 0 &&
                         reinterpret_cast<uintptr_t>(a.lora_down) % 16 == 0;
   const size_t smem = 2 * size_t(kQXStage) + (rp > 0 ? 2 * size_t(kQChunk) * (rp * 2 + 16) : 0);
-  auto kernel = quantize_act_kernel<kNvfp4>;
+  auto kernel = quantize_act_kernel<kNvfp4, kUnsigned>;
   if (smem > 48 * 1024) {
     DCGQ_RETURN_IF_ERROR(cuda_status(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
@@ -223,8 +236,9 @@ dcgq_status launch_quantize_act_fmt(const dcgq_quantize_act_args& a, cudaStream_
 }
 
 dcgq_status launch_quantize_act(const dcgq_quantize_act_args& a, cudaStream_t stream) {
-  return a.fmt == DCGQ_FORMAT_NVFP4 ? launch_quantize_act_fmt<true>(a, stream)
-                                    : launch_quantize_act_fmt<false>(a, stream);
+  if (a.fmt == DCGQ_FORMAT_NVFP4) return launch_quantize_act_fmt<true, false>(a, stream);
+  return a.act_unsigned ? launch_quantize_act_fmt<false, true>(a, stream)
+                        : launch_quantize_act_fmt<false, false>(a, stream);
 }
 
 }  // namespace

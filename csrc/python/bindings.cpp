@@ -42,6 +42,7 @@ dcgq_quantize_act_args quantize_args(py::kwargs kwargs) {
   py::dict kw(kwargs);
   dcgq_quantize_act_args a{};
   take(kw, "fmt", &a.fmt), take(kw, "layout", &a.layout), take(kw, "m", &a.m);
+  take(kw, "act_unsigned", &a.act_unsigned);
   take(kw, "k", &a.k), take(kw, "rank", &a.rank), take(kw, "x_dtype", &a.x_dtype);
   take(kw, "x", &a.x), take(kw, "ldx", &a.ldx), take(kw, "smooth", &a.smooth);
   take(kw, "lora_down", &a.lora_down), take(kw, "ld_lora_down", &a.ld_lora_down);
@@ -76,6 +77,7 @@ PYBIND11_MODULE(_C, m) {
         py::dict kw(kwargs);
         dcgq_gemm_w4a4_args a{};
         take(kw, "fmt", &a.fmt), take(kw, "layout", &a.layout), take(kw, "variant", &a.variant);
+        take(kw, "act_unsigned", &a.act_unsigned);
         take(kw, "m", &a.m), take(kw, "n", &a.n), take(kw, "k", &a.k), take(kw, "rank", &a.rank);
         take(kw, "scale_dtype", &a.scale_dtype), take(kw, "io_dtype", &a.io_dtype);
         take(kw, "out_dtype", &a.out_dtype), take(kw, "q", &a.q), take(kw, "ldq", &a.ldq);

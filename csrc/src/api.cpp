@@ -29,6 +29,17 @@ dcgq_status check_enums(const char* fn, dcgq_format fmt, dcgq_layout layout) {
   return DCGQ_SUCCESS;
 }
 
+// act_unsigned: 0 or 1, and 1 only for INT4 (NVFP4 has no unsigned variant).
+dcgq_status check_act_unsigned(const char* fn, dcgq_format fmt, int act_unsigned) {
+  DCGQ_CHECK_ARG(act_unsigned == 0 || act_unsigned == 1, "%s: act_unsigned = %d; expected 0 or 1",
+                 fn, act_unsigned);
+  DCGQ_CHECK_ARG(act_unsigned == 0 || fmt == DCGQ_FORMAT_INT4,
+                 "%s: act_unsigned = 1 with fmt = %d (%s); unsigned activations exist for "
+                 "DCGQ_FORMAT_INT4 (0) only",
+                 fn, int(fmt), fmt_name(fmt));
+  return DCGQ_SUCCESS;
+}
+
 dcgq_status check_k(const char* fn, dcgq_format fmt, int64_t k) {
   const int g = group_size(fmt);
   DCGQ_CHECK_ARG(k > 0 && k % g == 0 && k <= (int64_t(1) << 30),
@@ -78,6 +89,7 @@ dcgq_status current_capability(const char* fn, int* major, int* minor) {
 dcgq_status validate_quantize_act(const char* fn, const dcgq_quantize_act_args* a, bool device) {
   DCGQ_CHECK_ARG(a != nullptr, "%s: argument 'args' is NULL", fn);
   DCGQ_RETURN_IF_ERROR(check_enums(fn, a->fmt, a->layout));
+  DCGQ_RETURN_IF_ERROR(check_act_unsigned(fn, a->fmt, a->act_unsigned));
   DCGQ_RETURN_IF_ERROR(check_16bit(fn, "x_dtype", a->x_dtype));
   DCGQ_RETURN_IF_ERROR(check_dim(fn, "m", a->m));
   DCGQ_RETURN_IF_ERROR(check_k(fn, a->fmt, a->k));
@@ -113,6 +125,7 @@ dcgq_status validate_quantize_act(const char* fn, const dcgq_quantize_act_args* 
 dcgq_status validate_gemm_w4a4(const char* fn, const dcgq_gemm_w4a4_args* a) {
   DCGQ_CHECK_ARG(a != nullptr, "%s: argument 'args' is NULL", fn);
   DCGQ_RETURN_IF_ERROR(check_enums(fn, a->fmt, a->layout));
+  DCGQ_RETURN_IF_ERROR(check_act_unsigned(fn, a->fmt, a->act_unsigned));
   DCGQ_CHECK_ARG(a->variant >= DCGQ_VARIANT_AUTO && a->variant <= DCGQ_VARIANT_WGMMA,
                  "%s: variant = %d; expected 0 (auto), 1 (mma.sync) or 2 (wgmma)", fn,
                  int(a->variant));

@@ -11,10 +11,14 @@
 
 namespace dcgq {
 
+static_assert(qmath::kUnsignedActShift == DCGQ_UNSIGNED_ACT_SHIFT,
+              "quant_math.h and the C header disagree on the unsigned activation shift");
+
 dcgq_status quantize_act_host(const dcgq_quantize_act_args& a) {
   using namespace qmath;
   const bool bf16 = a.x_dtype == DCGQ_DTYPE_BFLOAT16;
   const bool nvfp4 = a.fmt == DCGQ_FORMAT_NVFP4;
+  const bool uns = a.act_unsigned != 0;  // INT4 only (validated)
   const int g = nvfp4 ? 16 : 64;
   const int64_t k = a.k;
   auto to_f32 = [bf16](uint16_t h) { return bf16 ? bf16_to_f32(h) : f16_to_f32(h); };
@@ -32,7 +36,8 @@ dcgq_status quantize_act_host(const dcgq_quantize_act_args& a) {
       float amax = 0.0f;
       for (int j = 0; j < g; ++j) {
         const int64_t e = grp * g + j;
-        const float v = smooth ? div_rn(xf[size_t(e)], to_f32(smooth[e])) : xf[size_t(e)];
+        const float xe = uns ? add_rn(xf[size_t(e)], kUnsignedActShift) : xf[size_t(e)];
+        const float v = smooth ? div_rn(xe, to_f32(smooth[e])) : xe;
         xs[size_t(j)] = v;
         amax = amax_update(amax, v);
       }
@@ -40,11 +45,13 @@ dcgq_status quantize_act_host(const dcgq_quantize_act_args& a) {
       if (nvfp4) {
         static_cast<uint8_t*>(a.scales)[m * a.ld_scales + grp] = nvfp4_act_scale(amax, &divisor);
       } else {
-        static_cast<uint16_t*>(a.scales)[m * a.ld_scales + grp] = int4_scale(amax, bf16, &divisor);
+        static_cast<uint16_t*>(a.scales)[m * a.ld_scales + grp] =
+            int4_scale(amax, uns ? 15.0f : 7.0f, bf16, &divisor);
       }
       for (int j = 0; j < g; ++j) {
-        const uint32_t nib =
-            nvfp4 ? nvfp4_nibble(xs[size_t(j)], divisor) : int4_nibble(xs[size_t(j)], divisor);
+        const float v = xs[size_t(j)];
+        const uint32_t nib = nvfp4 ? nvfp4_nibble(v, divisor)
+                                   : (uns ? uint4_nibble(v, divisor) : int4_nibble(v, divisor));
         int64_t byte;
         bool high;
         packed_position(int(a.layout), g, grp * g + j, &byte, &high);

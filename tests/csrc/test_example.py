@@ -40,6 +40,10 @@ def test_example_checks_arguments_without_crashing(example):
         "quantize_act(x = NULL)": "argument 'x' is NULL",
         "gemm_w4a4(k = 96, int4)": "k = 96; expected a positive multiple of the int4 group size 64",
         "gemm_w4a4(nvfp4, wtscale = NULL)": "argument 'wtscale' is NULL",
+        "gemm_w4a4(nvfp4, act_unsigned = 1)": "act_unsigned = 1 with fmt = 1 (nvfp4); unsigned "
+        "activations exist for DCGQ_FORMAT_INT4 (0) only",
+        "quantize_act(act_unsigned = 2)": "act_unsigned = 2; expected 0 or 1",
+        "quantize_act_host(x [37, 256], rank 16, unsigned)": "DCGQ_SUCCESS",
         "capability: gemm_w4a4 int4 on sm_75": "DCGQ_ERROR_UNSUPPORTED: gemm_w4a4 for format "
         "int4 is not implemented for compute capability 7.5",
         "capability: gemm_w4a4 nvfp4 on sm_90": "DCGQ_ERROR_UNSUPPORTED",

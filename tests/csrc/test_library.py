@@ -65,7 +65,46 @@ def test_library_reports_the_build():
     info = build_info()
     assert _C.built_architectures() == ";".join(info["archs"])
     assert _C.version() == dcgen_quant.__version__
-    assert _C.abi_version() == 1
+    assert _C.abi_version() == 2  # 2: act_unsigned in the quantize_act and gemm_w4a4 args
+
+
+# kernels per instantiation file: the INT4 GEMMs and quantize_act carry an unsigned-activation
+# instantiation next to the signed one(s), so the spill check above covers them too
+KERNELS_PER_UNIT = {"gemm_w4a4_int4_s4": 2, "gemm_w4a4_int4_s8": 2, "gemm_w4a4_int4_wgmma": 2,
+                    "gemm_w4a4_nvfp4": 1, "quantize_act": 3}  # fmt: skip
+
+
+def test_unsigned_activation_kernels_were_compiled():
+    for unit in build_info()["units"]:
+        family = unit["source"].removeprefix("instantiations/").rsplit("_sm", 1)[0]
+        if family in KERNELS_PER_UNIT:
+            assert len(unit["kernels"]) == KERNELS_PER_UNIT[family], unit
+            flags = sorted(k["function"].endswith("Lb1EEEv19dcgq_gemm_w4a4_argsb")
+                           or "Lb1EEEv22dcgq_quantize_act_args" in k["function"]
+                           for k in unit["kernels"])  # fmt: skip
+            assert flags == [False] * (len(flags) - 1) + [len(flags) > 1], unit
+
+
+def test_act_unsigned_is_validated_before_any_device_call():
+    """0 / 1 only, and INT4 only: INVALID_ARGUMENT with a message naming the field (no GPU
+    needed: the checks run first)."""
+    from dcgen_quant import _C
+
+    common = dict(m=4, n=8, k=64, scale_dtype=_C.DTYPE_BFLOAT16, io_dtype=_C.DTYPE_BFLOAT16,
+                  out_dtype=_C.DTYPE_BFLOAT16)  # fmt: skip
+    assert _C.gemm_w4a4(0, fmt=_C.FORMAT_INT4, act_unsigned=3, **common) == (
+        _C.ERROR_INVALID_ARGUMENT
+    )
+    assert "dcgq_gemm_w4a4: act_unsigned = 3; expected 0 or 1" in _C.last_error_message()
+    common["scale_dtype"] = _C.DTYPE_FLOAT8_E4M3
+    assert _C.gemm_w4a4(0, fmt=_C.FORMAT_NVFP4, act_unsigned=1, **common) == (
+        _C.ERROR_INVALID_ARGUMENT
+    )
+    assert "act_unsigned = 1 with fmt = 1 (nvfp4)" in _C.last_error_message()
+    status = _C.quantize_act(0, fmt=_C.FORMAT_NVFP4, act_unsigned=1, m=4, k=64,
+                             x_dtype=_C.DTYPE_BFLOAT16)  # fmt: skip
+    assert status == _C.ERROR_INVALID_ARGUMENT
+    assert "dcgq_quantize_act: act_unsigned = 1 with fmt = 1" in _C.last_error_message()
 
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) is not installed")

@@ -8,8 +8,9 @@
  *
  * Semantics are those of the pure-torch references in dcgen_quant/ops.py (the ground truth):
  *
- *   quantize_act:  q, scales = quantize(x / smooth) per token and group of G along K;
- *                  lora_act = x @ lora_down            (unsmoothed x, float32 result)
+ *   quantize_act:  q, scales = quantize(x / smooth) per token and group of G along K
+ *                  (act_unsigned: quantize((x + DCGQ_UNSIGNED_ACT_SHIFT) / smooth));
+ *                  lora_act = x @ lora_down            (unsmoothed, unshifted x, float32 result)
  *   gemm_w4a4:     y = sum_g sa[m,g] * sw[g,n] * dot_g(a[m], w[n]) * wtscale
  *                      + lora_act @ proj_up^T + bias          (cast to out_dtype)
  *   gemm_w4a16:    y = x @ dequant(W)^T * wtscale + bias      (y in x's dtype)
@@ -19,6 +20,15 @@
  * (wtscale, a device pointer to one float). Packed 4-bit tensors hold two codes per byte in the
  * nibble order named by dcgq_layout (canonical: element 2i in the low nibble of byte i).
  *
+ * Unsigned INT4 activations (act_unsigned = 1; INT4 only, for layers whose input is a GELU
+ * output): quantize_act computes u = (x + DCGQ_UNSIGNED_ACT_SHIFT) / smooth in float32 (the
+ * addition first, both correctly rounded), scale = (max |u| / 15) rounded to x_dtype and codes
+ * clamp(round_half_even(u / scale), 0, 15) (x below -DCGQ_UNSIGNED_ACT_SHIFT gives code 0);
+ * gemm_w4a4 then reads the activation codes as unsigned 0..15 (weights stay signed -8..7). The
+ * shift's contribution DCGQ_UNSIGNED_ACT_SHIFT * sum_k w[n, k] is part of gemm_w4a4's result;
+ * the layer's bias is expected to hold its negative. act_unsigned = 1 with NVFP4 is rejected
+ * with DCGQ_ERROR_INVALID_ARGUMENT.
+ *
  * Shapes and strides: every 2-D tensor is row-major with unit stride along its last dimension;
  * its `ld*` field is the row stride in ELEMENTS of that tensor's dtype (bytes for packed uint8
  * tensors). Packed tensors (q, qweight) need 8-byte aligned base pointers and row strides that
@@ -26,11 +36,12 @@
  * multiples of 8 elements when they are read with vector loads (x, noted per field).
  *
  * Architectures (see dcgq_built_architectures()):
- *   sm_80 / sm_86 / sm_89  INT4 W4A4 on the native 4-bit MMA (mma.sync m16n8k64 s4.s4)
+ *   sm_80 / sm_86 / sm_89  INT4 W4A4 on the native 4-bit MMA (mma.sync m16n8k64 s4.s4;
+ *                          u4.s4 for unsigned activations)
  *   sm_90a                 INT4 W4A4 on INT8 tensor cores (int4 -> int8 in registers, wgmma
- *                          s8; mma.sync s8 as the alternative variant)
+ *                          s8.s8 / u8.s8; mma.sync s8.s8 / u8.s8 as the alternative variant)
  *   sm_120a                NVFP4 W4A4 on the block-scaled FP4 MMA (kind::mxf4nvf4), INT4 W4A4
- *                          on mma.sync s8
+ *                          on mma.sync s8.s8 / u8.s8
  *   all of the above       quantize_act (INT4, NVFP4) and gemm_w4a16 (INT4, NVFP4)
  */
 #ifndef DCGEN_QUANT_H_
@@ -49,8 +60,13 @@ extern "C" {
 #define DCGQ_API __attribute__((visibility("default")))
 #endif
 
-/* Bumped whenever a struct or signature below changes incompatibly. */
-#define DCGQ_ABI_VERSION 1
+/* Bumped whenever a struct or signature below changes incompatibly.
+ * 2: act_unsigned in dcgq_quantize_act_args and dcgq_gemm_w4a4_args. */
+#define DCGQ_ABI_VERSION 2
+
+/* Added to x before the smoothing division when act_unsigned = 1 (11/64: exact in every float
+ * type, and at least -min GELU = 0.16997, so GELU outputs shift to u >= 0). */
+#define DCGQ_UNSIGNED_ACT_SHIFT 0.171875f
 
 typedef enum dcgq_status {
   DCGQ_SUCCESS = 0,
@@ -99,6 +115,8 @@ typedef struct dcgq_quantize_act_args {
   int64_t m, k;       /* x is [M, K]; K a positive multiple of G; M >= 0 */
   int64_t rank;       /* r, columns of lora_down (0: no low-rank branch); r <= 128 */
   dcgq_dtype x_dtype; /* BFLOAT16 or FLOAT16: x, smooth, lora_down, INT4 scales */
+  int act_unsigned;   /* 0: signed codes -8..7; 1 (INT4 only): unsigned codes 0..15 of the
+                         shifted x (see "Unsigned INT4 activations" above) */
   const void* x;      /* [M, K] x_dtype; 16-byte aligned, ldx a multiple of 8 */
   int64_t ldx;
   const void* smooth;    /* [K] x_dtype, or NULL (no smoothing) */
@@ -115,6 +133,7 @@ typedef struct dcgq_quantize_act_args {
 typedef struct dcgq_gemm_w4a4_args {
   dcgq_format fmt;
   dcgq_layout layout; /* nibble order of both q and qweight */
+  int act_unsigned;   /* 0: q holds signed codes -8..7; 1 (INT4 only): unsigned codes 0..15 */
   dcgq_variant variant;
   int64_t m, n, k;        /* y is [M, N]; K a positive multiple of G */
   int64_t rank;           /* r (0: no low-rank branch) */
