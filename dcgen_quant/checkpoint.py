@@ -28,7 +28,7 @@ from torch import nn
 from . import __version__
 from .atomic import atomic_path, atomic_write_text
 from .formats import get_format
-from .nn import SVDQConv1x1, SVDQLinear, W4A16Conv1x1, W4A16Linear
+from .nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
 
 FORMAT_NAME = "dcgen_quant"
 FORMAT_VERSION = 1
@@ -40,6 +40,7 @@ LAYER_KINDS: dict[str, type[nn.Module]] = {
     "svdq_conv1x1": SVDQConv1x1,
     "w4a16": W4A16Linear,
     "w4a16_conv1x1": W4A16Conv1x1,
+    "svdq_split": SVDQSplitLinear,  # a container: its parts are "svdq" entries of their own
 }
 _KIND_OF = {cls: kind for kind, cls in LAYER_KINDS.items()}
 
@@ -66,9 +67,23 @@ def _dtype_from_name(name: str, key: str) -> torch.dtype:
 def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Describe every 4-bit layer of ``model``: name -> kind, features, rank, format, dtype."""
     layers = {}
+    containers: set[str] = set()
     for name, module in model.named_modules():
         kind = _KIND_OF.get(type(module))
         if kind is None:
+            continue
+        if isinstance(module, SVDQSplitLinear):
+            containers.add(name)
+            layers[name] = {  # listed before its parts, which loading installs into it
+                "kind": kind,
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "splits": module.splits,
+                "rank": max(p.rank for p in module.parts),
+                "fmt": module.fmt,
+                "bias": module.parts[0].bias is not None,  # the layer's own bias, in part 0
+                "dtype": _dtype_name(module.dtype),
+            }
             continue
         layers[name] = {
             "kind": kind,
@@ -81,6 +96,8 @@ def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
         }
         if getattr(module, "act_unsigned", False):
             layers[name]["act_unsigned"] = True  # absent means signed activation codes
+        if (parent := name.rpartition(".parts.")[0]) in containers:
+            layers[name]["part_of"] = parent
     return layers
 
 
@@ -324,6 +341,8 @@ def _expected_layer_tensors(
         rank = int(info.get("rank", 0))
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"metadata 'layers' entry {name!r} is malformed: {exc}") from None
+    if info["kind"] == "svdq_split":
+        return {}  # no tensors of its own
     scale_dtype = spec.scale_dtype(dtype)
     expected = {
         "qweight": ((n, k // 2), torch.uint8),
@@ -399,7 +418,26 @@ def _check_model_matches(model: nn.Module, description: dict[str, Any]) -> None:
             )
 
 
+def _split_placeholder(name: str, info: dict[str, Any]) -> SVDQSplitLinear:
+    """An SVDQSplitLinear whose parts (rank 0, on meta) the part entries replace."""
+    splits, k = info.get("splits"), info.get("in_features")
+    if (
+        not isinstance(splits, list)
+        or len(splits) < 2
+        or not all(isinstance(s, int) and s > 0 for s in splits)
+        or sum(splits) != k
+    ):
+        raise CheckpointError(
+            f"metadata 'layers' entry {name!r}: splits={splits!r} must be two or more positive "
+            f"ints summing to in_features={k!r}"
+        )
+    dtype = _dtype_from_name(info["dtype"], f"layers.{name}.dtype")
+    n = int(info["out_features"])
+    return SVDQSplitLinear([SVDQLinear(s, n, 0, info["fmt"], False, dtype, "meta") for s in splits])
+
+
 def _install_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
+    placeholders: dict[str, list[nn.Module]] = {}  # split layer -> its placeholder parts
     for name, info in layers.items():
         cls = LAYER_KINDS.get(info.get("kind"))
         if cls is None:
@@ -412,6 +450,11 @@ def _install_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
             raise CheckpointError(
                 f"layer {name!r} of the checkpoint does not exist in the model"
             ) from None
+        if cls is SVDQSplitLinear:
+            split = _split_placeholder(name, info)
+            placeholders[name] = list(split.parts)
+            model.set_submodule(name, split)
+            continue
         kwargs = {"fmt": info["fmt"], "bias": bool(info["bias"])}
         kwargs["dtype"] = _dtype_from_name(info["dtype"], f"layers.{name}.dtype")
         if info["kind"].startswith("svdq"):
@@ -429,6 +472,13 @@ def _install_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
         except ValueError as exc:
             raise CheckpointError(f"metadata 'layers' entry {name!r}: {exc}") from None
         model.set_submodule(name, layer)
+    for name, originals in placeholders.items():
+        for i, (part, original) in enumerate(zip(model.get_submodule(name).parts, originals)):
+            if part is original or part.in_features != original.in_features:
+                raise CheckpointError(
+                    f"layer {name!r} (svdq_split) has no valid 'layers' entry for its part "
+                    f"{name}.parts.{i}"
+                )
 
 
 def load_quantized(

@@ -74,10 +74,12 @@ def summarize(path: Path, verify: bool = True) -> dict[str, Any]:
         else:
             sizes["other"] += nbytes
     # The same model in 16 bits: each quantized layer's N x K weight (+ bias) at 2 bytes per
-    # element, every other tensor at 2 bytes per element.
+    # element (a split layer counted once, not again through its parts), every other tensor at
+    # 2 bytes per element.
     bf16 = sum(
         2 * info["out_features"] * (info["in_features"] + bool(info["bias"]))
         for info in layers.values()
+        if "part_of" not in info
     )
     bf16 += sum(
         2 * (nbytes // _ITEMSIZE.get(dtype, 4))
@@ -87,7 +89,8 @@ def summarize(path: Path, verify: bool = True) -> dict[str, Any]:
     total = sum(sizes.values())
     kinds: dict[str, int] = {}
     for info in layers.values():
-        kinds[info["kind"]] = kinds.get(info["kind"], 0) + 1
+        if "part_of" not in info:  # parts are counted through their split layer
+            kinds[info["kind"]] = kinds.get(info["kind"], 0) + 1
     return {
         "path": str(path),
         "format_version": meta["format_version"],
@@ -111,6 +114,8 @@ def _layer_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         row = {"name": name, **info}
         if info["kind"].startswith("w4a16"):
             row["acts"] = "16-bit"
+        elif info["kind"] == "svdq_split":
+            row["acts"] = "split"
         else:
             row["acts"] = "unsigned" if info.get("act_unsigned") else "signed"
         stats = calib.get(name, {})
@@ -143,9 +148,13 @@ def run(args: argparse.Namespace) -> int:
         f"dtype={q.get('dtype')}"
     )
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["layers_by_kind"].items()))
-    unsigned = sum(bool(info.get("act_unsigned")) for info in summary["layers"].values())
-    if unsigned:
-        kinds += f" ({unsigned} W4A4 with unsigned activation codes)"
+    layers = summary["layers"].values()
+    unsigned = sum(bool(i.get("act_unsigned")) and "part_of" not in i for i in layers)
+    split = summary["layers_by_kind"].get("svdq_split", 0)
+    notes = [f"{unsigned} with unsigned activation codes"] if unsigned else []
+    notes += [f"{split} split into signed + unsigned parts"] if split else []
+    if notes:
+        kinds += f" ({'; '.join(notes)})"
     print(f"layers       {kinds}")
     b = summary["bytes"]
     mib = 1024**2

@@ -5,6 +5,9 @@
 * :class:`W4A16Linear`: 4-bit weights, 16-bit activations (AdaLayerNorm linears).
 * :class:`SVDQConv1x1`, :class:`W4A16Conv1x1`: the same on NCHW tensors, standing in for 1x1
   convolutions (SANA's GLUMBConv).
+* :class:`SVDQSplitLinear`: one linear whose input columns are quantized in parts, each an
+  SVDQLinear, outputs summed (FLUX single blocks' ``proj_out``: its attention columns signed,
+  its GELU(MLP) columns unsigned).
 
 Buffer names are the checkpoint keys (docs/FORMAT.md). ``state_dict()`` always holds the canonical
 nibble layout; :meth:`set_layout` re-lays ``qweight`` in memory for a kernel (once, at load
@@ -345,3 +348,73 @@ class SVDQConv1x1(_Conv1x1Mixin, SVDQLinear):
 
 class W4A16Conv1x1(_Conv1x1Mixin, W4A16Linear):
     """:class:`W4A16Linear` applied to NCHW tensors (replaces a 1x1 ``nn.Conv2d``)."""
+
+
+class SVDQSplitLinear(nn.Module):
+    """``y = sum_i parts[i](x[..., o_i : o_i + K_i])``: a linear over concatenated inputs whose
+    column ranges are quantized as separate :class:`SVDQLinear` parts.
+
+    FLUX's single blocks feed ``proj_out`` with ``cat([attention output, GELU(proj_mlp(x))])``:
+    only the second range is a GELU output, which quantizes best with unsigned codes
+    (``act_unsigned``), so the quantizer splits the layer there (two GEMMs and an add instead of
+    one GEMM; the same FLOPs). Each part has its own smoothing, low-rank branch and bias.
+
+    Parameters
+    ----------
+    parts : SVDQLinear layers with equal ``out_features``, format and dtype; part i reads the
+        ``parts[i].in_features`` input columns after those of parts 0..i-1
+    """
+
+    def __init__(self, parts: Sequence[SVDQLinear]):
+        super().__init__()
+        parts = list(parts)
+        if len(parts) < 2 or any(not isinstance(p, SVDQLinear) for p in parts):
+            raise ValueError("SVDQSplitLinear needs two or more SVDQLinear parts")
+        first = parts[0]
+        for i, p in enumerate(parts[1:], 1):
+            for attr in ("out_features", "fmt", "dtype"):
+                if getattr(p, attr) != getattr(first, attr):
+                    raise ValueError(
+                        f"SVDQSplitLinear: part {i} has {attr}={getattr(p, attr)!r}, part 0 "
+                        f"{getattr(first, attr)!r}"
+                    )
+        self.parts = nn.ModuleList(parts)
+        self.in_features = sum(p.in_features for p in parts)
+        self.out_features = first.out_features
+
+    @property
+    def splits(self) -> list[int]:
+        """Input columns of each part, in order."""
+        return [p.in_features for p in self.parts]
+
+    @property
+    def fmt(self) -> str:
+        return self.parts[0].fmt
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    def set_layout(self, layout: str) -> None:
+        """Re-lay every part's ``qweight`` (see :meth:`SVDQLinear.set_layout`)."""
+        for p in self.parts:
+            p.set_layout(layout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> y [..., N], K = sum of the parts' in_features."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"SVDQSplitLinear: input has {x.shape[-1]} features, expected {self.in_features}"
+            )
+        y, start = None, 0
+        for p in self.parts:
+            part = p(x[..., start : start + p.in_features])
+            y = part if y is None else y + part
+            start += p.in_features
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"splits={self.splits}"
+        )

@@ -62,7 +62,12 @@ def test_inspect_reads_the_default_checkpoint(default_run, capsys):
     doc = run_json(capsys, "inspect", out)
     assert doc["model_class"] == "FluxTransformer2DModel"
     assert doc["quantization_config"]["format"] == "int4" and doc["verified"]
-    assert doc["layers_by_kind"] == {"svdq": 34, "w4a16": 6}
+    # the 2 single blocks' proj_out are split (signed attention + unsigned GELU columns)
+    assert doc["layers_by_kind"] == {"svdq": 32, "svdq_split": 2, "w4a16": 6}
+    acts = {r["name"]: r["acts"] for r in doc["layers"]}
+    assert acts["transformer_blocks.1.ff.net.2"] == "unsigned"
+    assert acts["transformer_blocks.0.attn.to_q"] == "signed"
+    assert acts["single_transformer_blocks.0.proj_out"] == "split"
     assert math.isclose(doc["size_vs_bf16"], row["size_vs_16bit"])
     errs = [r["err_svdq"] for r in doc["layers"] if r["err_svdq"] is not None]
     assert len(errs) == 40 and max(errs) == pytest.approx(row["max_rel_err"])

@@ -26,6 +26,7 @@ class PlannedGroup:
     kind: str  # "w4a4" | "w4a16"
     names: list[str]  # qualified module names, in the order the group stacks them
     act_unsigned: bool = False  # INT4 W4A4 on a GELU output: unsigned activation codes
+    split_at: int | None = None  # one linear whose input columns [split_at:] are a GELU output
 
 
 @dataclass
@@ -54,6 +55,9 @@ class ModelFamily:
     fused: tuple[tuple[str, ...], ...] = ()  # linears reading the same input
     weight_only: tuple[str, ...] = ()  # fnmatch patterns: AdaLayerNorm modulation linears
     gelu_inputs: tuple[str, ...] = ()  # fnmatch patterns: linears whose input is a GELU output
+    # (linear, producer): the linear's last producer.out_features input columns are GELU outputs
+    # of the producer linear (FLUX single blocks: proj_out reads cat([attention, GELU(proj_mlp)]))
+    gelu_tails: tuple[tuple[str, str], ...] = ()
     block_skips: tuple[tuple[str, str], ...] = ()  # (pattern, reason) inside blocks
     outside_reasons: tuple[tuple[str, str], ...] = ()  # (top-level prefix, reason)
 
@@ -148,15 +152,30 @@ class ModelFamily:
                 if fused is not None:
                     members = [m for m in fused if eligible.get(m) == "w4a4"]
             grouped.update(members)
-            unsigned = (
+            unsigned_ok = (
                 eligible[rel] == "w4a4"
                 and config.unsigned_gelu
                 and get_format(config.format).name == "int4"
-                and all(_matches(m, self.gelu_inputs) for m in members)
             )
+            unsigned = unsigned_ok and all(_matches(m, self.gelu_inputs) for m in members)
+            split_at = self._gelu_split(block, members, group) if unsigned_ok else None
             names = [f"{block_name}.{m}" for m in members]
-            plan.groups.append(PlannedGroup(eligible[rel], names, unsigned))
+            plan.groups.append(PlannedGroup(eligible[rel], names, unsigned, split_at))
         return plan
+
+    def _gelu_split(self, block: nn.Module, members: list[str], group: int) -> int | None:
+        """Where a lone linear's GELU-output input columns start (``gelu_tails``), or None."""
+        if len(members) != 1:
+            return None
+        for pattern, producer in self.gelu_tails:
+            if not fnmatch.fnmatchcase(members[0], pattern):
+                continue
+            linear, source = block.get_submodule(members[0]), block.get_submodule(producer)
+            if not isinstance(linear, nn.Linear) or not isinstance(source, nn.Linear):
+                return None
+            split_at = linear.in_features - source.out_features
+            return split_at if split_at > 0 and split_at % group == 0 else None
+        return None
 
 
 _REGISTRY: dict[str, ModelFamily] = {}

@@ -12,7 +12,9 @@ Per block (hidden = 3072 in FLUX.1):
   tanh-GELU output, so INT4 quantizes their inputs unsigned); ``norm1.linear`` and
   ``norm1_context.linear`` (AdaLayerNormZero modulation) are W4A16;
 * single: ``attn.to_q/k/v`` and ``proj_mlp`` read the same normalized input: one fused group;
-  ``proj_out`` (attention + MLP concatenated, K = hidden * 5) alone; ``norm.linear`` W4A16.
+  ``proj_out`` (attention + MLP concatenated, K = hidden * 5) alone, in INT4 split in two parts
+  at column ``hidden`` (the MLP columns are a tanh-GELU output: unsigned codes); ``norm.linear``
+  W4A16.
 
 Kept in 16 bits: the embedders, the final AdaLayerNormContinuous and output projection, the
 per-head RMSNorms (no linears) and attention itself.
@@ -34,6 +36,7 @@ FLUX = register_family(
         ),
         weight_only=("norm1.linear", "norm1_context.linear", "norm.linear"),
         gelu_inputs=("ff.net.2", "ff_context.net.2"),
+        gelu_tails=(("proj_out", "proj_mlp"),),
         outside_reasons=(
             ("x_embedder", "image patch embedder (kept in 16 bits)"),
             ("context_embedder", "text embedder (kept in 16 bits)"),

@@ -29,7 +29,7 @@ from ..formats import (
     quantize_weight,
 )
 from ..formats.nvfp4 import nvfp4_tensor_scale
-from ..nn import SVDQConv1x1, SVDQLinear, W4A16Conv1x1, W4A16Linear
+from ..nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
 from .config import QuantConfig
 from .gptq import gptq_quantize, hessian
 from .report import LayerReport, QuantReport
@@ -151,6 +151,43 @@ def make_module(
     raise ValueError(f"kind must be 'w4a4' or 'w4a16', got {kind!r}")
 
 
+def effective_rank(rank: int, out_features: int, in_features: int) -> int:
+    """The low-rank branch's rank for a (group of) layer(s): at most min(N, K)."""
+    return min(rank, out_features, in_features)
+
+
+def make_split_module(
+    in_features: int,
+    out_features: int,
+    split_at: int,
+    rank: int,
+    bias: bool,
+    fmt: str,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+) -> SVDQSplitLinear:
+    """An empty :class:`SVDQSplitLinear` as :func:`quantize_split` builds it (resume): part 0
+    reads columns [0, split_at) with signed codes and the layer's bias, part 1 the rest with
+    unsigned codes and the bias that cancels their shift; ``rank`` is the configured rank."""
+    parts = [
+        SVDQLinear(
+            k,
+            out_features,
+            effective_rank(rank, out_features, k),
+            fmt,
+            has_bias,
+            dtype,
+            device,
+            unsigned,
+        )  # fmt: skip
+        for k, has_bias, unsigned in (
+            (split_at, bias, False),
+            (in_features - split_at, True, True),
+        )
+    ]
+    return SVDQSplitLinear(parts)
+
+
 def _fill_weight(module, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
     module.qweight.copy_(qw.qweight)
     module.wscales.copy_(qw.wscales)
@@ -187,6 +224,8 @@ def _build_w4a4(spec, qw, smooth, proj_down, proj_up, config, act_unsigned=False
 
 def _linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The module's forward on tokens [T, K], also for the conv classes (same buffers)."""
+    if isinstance(module, SVDQSplitLinear):
+        return module(x)
     base = SVDQLinear if isinstance(module, SVDQLinear) else W4A16Linear
     return base.forward(module, x)
 
@@ -249,6 +288,19 @@ def _w4a4_modules(problem, result, specs, splits, config, use_gptq):
     return modules, used_gptq
 
 
+def _baseline_errors(problem, specs, x, config, generator, ranking):
+    """Per member: relative error of naive W4A4 (round to nearest, rank 0, no smoothing) and of
+    smoothing only (rank 0, the (alpha, beta) search), in ``problem``'s activation codes."""
+    splits = problem.splits
+    base = search(problem, 0, False, 1, 0, config.svd, generator)
+    naive_modules, _ = _w4a4_modules(problem, base, specs, splits, config, False)
+    naive = [relative_error(m, s, x) for m, s in zip(naive_modules, specs)]
+    sm = search(problem, 0, config.smooth, config.smooth_grid, 0, config.svd, generator, ranking)
+    sm_modules, _ = _w4a4_modules(problem, sm, specs, splits, config, False)
+    smooth_only = [relative_error(m, s, x) for m, s in zip(sm_modules, specs)]
+    return naive, smooth_only
+
+
 def quantize_group(
     specs: Sequence[LinearSpec],
     x: torch.Tensor,
@@ -294,7 +346,7 @@ def quantize_group(
     problem = GroupProblem(
         weight, splits, x, config.format, config.dtype, act_unsigned=act_unsigned
     )
-    rank = min(config.rank, weight.shape[0], k)
+    rank = effective_rank(config.rank, weight.shape[0], k)
     ranking = problem.subset(config.search_tokens, generator)
     result = search(
         problem, rank, config.smooth, config.smooth_grid, config.lowrank_iters, config.svd,
@@ -304,14 +356,7 @@ def quantize_group(
 
     naive = smooth_only = [None] * len(specs)
     if baselines:
-        base = search(problem, 0, False, 1, 0, config.svd, generator)
-        naive_modules, _ = _w4a4_modules(problem, base, specs, splits, config, False)
-        naive = [relative_error(m, s, x) for m, s in zip(naive_modules, specs)]
-        sm = search(
-            problem, 0, config.smooth, config.smooth_grid, 0, config.svd, generator, ranking
-        )
-        sm_modules, _ = _w4a4_modules(problem, sm, specs, splits, config, False)
-        smooth_only = [relative_error(m, s, x) for m, s in zip(sm_modules, specs)]
+        naive, smooth_only = _baseline_errors(problem, specs, x, config, generator, ranking)
     seconds = (time.perf_counter() - start) / len(specs)
     group = [s.name for s in specs] if len(specs) > 1 else None
     out = []
@@ -326,6 +371,61 @@ def quantize_group(
         )  # fmt: skip
         out.append((module, report))
     return out
+
+
+def quantize_split(
+    spec: LinearSpec,
+    x: torch.Tensor,
+    config: QuantConfig,
+    split_at: int,
+    *,
+    baselines: bool = True,
+) -> tuple[SVDQSplitLinear, LayerReport]:
+    """SVDQuant of a linear whose input columns ``[split_at, K)`` are a GELU output.
+
+    The layer becomes an :class:`SVDQSplitLinear` of two parts, each searched on its own
+    columns of ``x`` [T, K]: part 0 (columns before ``split_at``, signed codes, the layer's
+    bias) and part 1 (the GELU columns, unsigned codes, see :func:`quantize_group`). The report
+    is the whole layer's: ``err_svdq`` of the sum, ``err_rtn`` / ``err_smooth`` of the unsplit
+    layer with signed codes (what plain W4A4 would give).
+    """
+    start = time.perf_counter()
+    k, n = spec.in_features, spec.out_features
+    group = get_format(config.format).group_size
+    if spec.conv:
+        raise ValueError(f"layer {spec.name}: only linears (not 1x1 convs) can be split")
+    if not 0 < split_at < k or split_at % group:
+        raise ValueError(
+            f"layer {spec.name}: split_at={split_at} must lie inside (0, K={k}) and be a "
+            f"multiple of the {config.format} group size {group}"
+        )
+    x = x.detach().float()
+    check_finite(x, f"layer {spec.name}: calibration inputs")
+    generator = torch.Generator(x.device).manual_seed(seed_for(config.seed, spec.name))
+    head = LinearSpec(f"{spec.name}.parts.0", spec.module, spec.weight[:, :split_at], spec.bias,
+                      False)  # fmt: skip
+    tail = LinearSpec(f"{spec.name}.parts.1", spec.module, spec.weight[:, split_at:], None, False)
+    ((m0, r0),) = quantize_group(
+        [head], x[:, :split_at], config, baselines=False, generator=generator
+    )
+    ((m1, r1),) = quantize_group(
+        [tail], x[:, split_at:], config, baselines=False, generator=generator, act_unsigned=True
+    )
+    module = SVDQSplitLinear([m0, m1])
+    naive = smooth_only = None
+    if baselines:
+        problem = GroupProblem(spec.weight, [n], x, config.format, config.dtype)
+        ranking = problem.subset(config.search_tokens, generator)
+        (naive,), (smooth_only,) = _baseline_errors(problem, [spec], x, config, generator, ranking)
+    report = LayerReport(
+        name=spec.name, kind="w4a4", module=type(module).__name__, out_features=n,
+        in_features=k, bias=spec.bias is not None, rank=max(r0.rank, r1.rank),
+        split_at=split_at, lowrank_iters=r0.lowrank_iters + r1.lowrank_iters,
+        gptq=r0.gptq or r1.gptq, err_rtn=naive, err_smooth=smooth_only,
+        err_svdq=relative_error(module, spec, x), calib_tokens=x.shape[0],
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    return module, report
 
 
 def quantize_weight_only(

@@ -26,7 +26,9 @@ from .layer import (
     check_finite,
     linear_spec,
     make_module,
+    make_split_module,
     quantize_group,
+    quantize_split,
     quantize_weight_only,
     seed_for,
 )
@@ -53,6 +55,11 @@ def _skipped_entry(name: str, module: nn.Module, reason: str) -> LayerReport:
 
 def _module_from_entry(entry: LayerReport, config: QuantConfig) -> nn.Module:
     """An empty runtime module matching a report entry (resume)."""
+    if entry.split_at is not None:
+        return make_split_module(
+            entry.in_features, entry.out_features, entry.split_at, entry.rank, entry.bias,
+            config.format, config.dtype,
+        )  # fmt: skip
     return make_module(
         entry.kind, entry.module.endswith("Conv1x1"), entry.in_features, entry.out_features,
         entry.rank, entry.bias, config.format, config.dtype, act_unsigned=entry.act_unsigned,
@@ -60,10 +67,10 @@ def _module_from_entry(entry: LayerReport, config: QuantConfig) -> nn.Module:
 
 
 def _unsigned_ok(group: PlannedGroup, x: torch.Tensor, names: list[str]) -> bool:
-    """The plan's act_unsigned, unless the calibration inputs contradict it (a layer the family
-    lists as reading a GELU output sees values below -UNSIGNED_ACT_SHIFT): then signed codes,
-    with a warning, instead of clipping those values."""
-    if not group.act_unsigned:
+    """The plan's act_unsigned (or split), unless the calibration inputs ``x`` (the GELU columns)
+    contradict it (a layer the family lists as reading a GELU output sees values below
+    -UNSIGNED_ACT_SHIFT): then signed codes, with a warning, instead of clipping those values."""
+    if not (group.act_unsigned or group.split_at is not None):
         return False
     if (low := float(x.min())) < -UNSIGNED_ACT_SHIFT:
         warnings.warn(
@@ -117,6 +124,8 @@ def _quantize_block(
         with torch.no_grad():
             if group.kind == "w4a16":
                 results = [quantize_weight_only(specs[0], x, config)]
+            elif group.split_at is not None and _unsigned_ok(group, x[:, group.split_at :], names):
+                results = [quantize_split(specs[0], x, config, group.split_at)]
             else:
                 results = quantize_group(
                     specs, x, config, act_unsigned=_unsigned_ok(group, x, names)

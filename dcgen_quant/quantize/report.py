@@ -42,6 +42,9 @@ class LayerReport:
     """Names of the fused group (shared smoothing and proj_down), None when quantized alone."""
     act_unsigned: bool = False
     """INT4 W4A4 with unsigned activation codes of ``x + UNSIGNED_ACT_SHIFT`` (GELU inputs)."""
+    split_at: int | None = None
+    """An ``SVDQSplitLinear``: input columns [0, split_at) signed, [split_at, K) (a GELU output)
+    unsigned, each part with its own smoothing and low-rank branch (``rank``: the larger)."""
     alpha: float | None = None
     beta: float | None = None
     lowrank_iters: int = 0

@@ -9,7 +9,7 @@ from torch import nn
 import dcgen_quant.quantize.model as model_module
 from dcgen_quant.models import synthetic_calibration
 from dcgen_quant.models.tiny import tiny_flux, tiny_sana
-from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, W4A16Linear
+from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Linear
 from dcgen_quant.quantize import QuantConfig, quantize_model
 from dcgen_quant.quantize.layer import QUANTIZED_TYPES
 
@@ -56,9 +56,21 @@ def test_flux_every_target_replaced_skips_respected(flux_run):
             assert not layer.name.startswith(("transformer_blocks", "single_transformer"))
         elif layer.name.endswith(("norm1.linear", "norm1_context.linear", "norm.linear")):
             assert layer.kind == "w4a16" and type(module) is W4A16Linear
+        elif layer.name.endswith(".proj_out"):
+            # attention columns signed, GELU(proj_mlp) columns unsigned (INT4 default)
+            assert layer.kind == "w4a4" and type(module) is SVDQSplitLinear
+            assert (
+                layer.split_at
+                == module.splits[0]
+                == reference.config.num_attention_heads * (reference.config.attention_head_dim)
+            )
+            assert [(p.rank, p.act_unsigned) for p in module.parts] == [(16, False), (16, True)]
+            assert None not in (layer.err_rtn, layer.err_smooth, layer.err_svdq)
+            assert layer.err_svdq < layer.err_smooth
         else:
             assert layer.kind == "w4a4" and type(module) is SVDQLinear
             assert module.rank == 16 and layer.alpha is not None
+            assert module.act_unsigned == layer.name.endswith("net.2") == layer.act_unsigned
             assert None not in (layer.err_rtn, layer.err_smooth, layer.err_svdq)
     s = report.summary()
     assert (s["w4a4"], s["w4a16"], s["layers_skipped"]) == (34, 6, 10)
@@ -109,7 +121,8 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     real = model_module.quantize_group
 
     def failing(specs, x, cfg, **kw):
-        if specs[0].name.startswith("single_transformer_blocks.0"):
+        # after single block 0, so that a restored block holds a split proj_out
+        if specs[0].name.startswith("single_transformer_blocks.1"):
             raise KeyboardInterrupt("simulated interruption")
         return real(specs, x, cfg, **kw)
 
@@ -117,14 +130,16 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         quantize_model(tiny_flux(), calib, config, progress=False, state_dir=state)
     progress = json.loads((state / "progress.json").read_text())
-    assert progress["next_block"] == 2 and progress["inputs_file"] == "inputs-0002.pt"
+    assert progress["next_block"] == 3 and progress["inputs_file"] == "inputs-0003.pt"
     assert sorted(p.name for p in state.iterdir()) == [
-        "block-0000.safetensors", "block-0001.safetensors", "inputs-0002.pt", "progress.json",
+        "block-0000.safetensors", "block-0001.safetensors", "block-0002.safetensors",
+        "inputs-0003.pt", "progress.json",
     ]  # fmt: skip
     monkeypatch.setattr(model_module, "quantize_group", real)
 
     resumed = tiny_flux()
     report = quantize_model(resumed, calib, config, progress=False, state_dir=state)
+    assert type(resumed.single_transformer_blocks[0].proj_out) is SVDQSplitLinear
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for key in a:

@@ -1,8 +1,9 @@
-"""Unsigned INT4 activations for layers that read a GELU output (FLUX's ff.net.2).
+"""Unsigned INT4 activations for layers that read a GELU output (FLUX's ff.net.2, and the GELU
+columns of the single blocks' proj_out, which becomes a two-part SVDQSplitLinear).
 
 The layer quantizes ``(x + UNSIGNED_ACT_SHIFT) / smooth`` to codes 0..15 and its bias cancels
 the shift: the search simulates exactly that, the family plan picks the GELU-output layers, and
-the checkpoint keeps the flag.
+the checkpoint keeps the flag and the split layers.
 """
 
 import json
@@ -20,9 +21,10 @@ from dcgen_quant.formats import (
 )
 from dcgen_quant.models.base import PlannedGroup, family_for
 from dcgen_quant.models.tiny import tiny_flux, tiny_sana
-from dcgen_quant.nn import SVDQLinear
+from dcgen_quant.nn import SVDQLinear, SVDQSplitLinear
 from dcgen_quant.quantize import QuantConfig, quantize_linear
 from dcgen_quant.quantize.fakequant import fake_quant_act
+from dcgen_quant.quantize.layer import linear_spec, quantize_split
 from dcgen_quant.quantize.model import _unsigned_ok
 
 from ..quantized_models import FAST_QUANT, randomly_quantized_tiny_flux, tiny_flux_inputs
@@ -163,5 +165,123 @@ def test_bad_act_unsigned_metadata_is_named(tmp_path, layer, value, message):
         meta["layers"] = json.dumps(layers)
 
     _rewrite(path, edit_meta=edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized(path)
+
+
+# --------------------------------------------------------------------------------------------
+# split layers: FLUX single blocks' proj_out reads cat([attention output, GELU(proj_mlp(x))])
+
+
+def test_split_layer_quantizes_the_gelu_columns_unsigned_and_beats_the_whole_layer():
+    g = torch.Generator().manual_seed(7)
+    attention = torch.randn(1024, 128, generator=g) * 0.5  # signed, down to about -2
+    x = torch.cat([attention, gelu_tokens(1024, 512, seed=8)], dim=1)
+    torch.manual_seed(9)
+    linear = nn.Linear(640, 96)
+    config = QuantConfig(**FAST_QUANT, dtype=torch.float32)
+    spec = linear_spec(linear, "proj_out")
+    module, report = quantize_split(spec, x, config, split_at=128)
+    assert isinstance(module, SVDQSplitLinear) and module.splits == [128, 512]
+    assert [p.act_unsigned for p in module.parts] == [False, True]
+    assert module.parts[0].bias is not None and report.split_at == 128
+    whole = quantize_linear(linear, x, config)
+    with torch.no_grad():
+        y = linear(x)
+        err_whole = float((whole(x) - y).norm() / y.norm())
+        err_split = float((module(x) - y).norm() / y.norm())
+        # the sum of the parts is the layer: each part on its own columns
+        parts = module.parts[0](x[:, :128]) + module.parts[1](x[:, 128:])
+        torch.testing.assert_close(module(x), parts, rtol=0, atol=0)
+    assert report.err_svdq == pytest.approx(err_split, rel=1e-5)
+    assert err_split < 0.8 * err_whole, (err_split, err_whole)
+    assert report.err_rtn > report.err_svdq and report.err_smooth > report.err_svdq
+
+
+def test_split_refuses_bad_positions():
+    linear = nn.Linear(256, 64)
+    x = gelu_tokens(128, 256, seed=10)
+    spec = linear_spec(linear, "proj_out")
+    for split_at in (0, 256, 96):
+        with pytest.raises(ValueError, match=f"split_at={split_at} must lie inside"):
+            quantize_split(spec, x, QuantConfig(**FAST_QUANT), split_at)
+    with pytest.raises(ValueError, match="needs two or more SVDQLinear parts"):
+        SVDQSplitLinear([SVDQLinear(64, 64)])
+    with pytest.raises(ValueError, match="part 1 has out_features=32"):
+        SVDQSplitLinear([SVDQLinear(64, 64), SVDQLinear(64, 32)])
+
+
+def test_flux_plan_splits_single_block_proj_out_at_the_attention_width():
+    model = tiny_flux()
+    family = family_for(model)
+    for config, expected in ((QuantConfig(), 256), (QuantConfig(format="nvfp4"), None),
+                             (QuantConfig(unsigned_gelu=False), None)):  # fmt: skip
+        plan = family.plan_block("single_transformer_blocks.0", model.single_transformer_blocks[0],
+                                 config)  # fmt: skip
+        split = {g.names[0].rsplit(".", 1)[-1]: g.split_at for g in plan.groups}
+        assert split["proj_out"] == expected
+        assert all(v is None for k, v in split.items() if k != "proj_out")
+    block = model.single_transformer_blocks[0]
+    assert block.proj_out.in_features - block.proj_mlp.out_features == 256
+
+
+def _with_split_proj_out(model):
+    """Replace each single block's proj_out with a split layer of two random-ish parts (the
+    float weights of a fresh tiny FLUX, rounded to nearest; random low-rank factors)."""
+    from ..quantized_models import fill_from_linear
+
+    g = torch.Generator().manual_seed(11)
+    dtype = model.dtype
+    for block, source in zip(model.single_transformer_blocks,
+                             tiny_flux(dtype=dtype).single_transformer_blocks):  # fmt: skip
+        linear = source.proj_out
+        k0 = linear.in_features - source.proj_mlp.out_features
+        parts = []
+        for lo, hi, unsigned in ((0, k0, False), (k0, linear.in_features, True)):
+            piece = nn.Linear(hi - lo, linear.out_features, dtype=dtype)
+            piece.weight.data.copy_(linear.weight.data[:, lo:hi])
+            layer = SVDQLinear(hi - lo, linear.out_features, 4, "int4", True, dtype,
+                               act_unsigned=unsigned)  # fmt: skip
+            fill_from_linear(layer, piece, 4, g)
+            parts.append(layer)
+        block.proj_out = SVDQSplitLinear(parts)
+    return model
+
+
+def test_checkpoint_round_trips_split_layers_bit_exact(tmp_path):
+    model = _with_split_proj_out(randomly_quantized_tiny_flux("int4", dtype=torch.bfloat16))
+    path = save_quantized(model, tmp_path / "m.safetensors")
+    loaded = load_quantized(path)
+    split = loaded.single_transformer_blocks[1].proj_out
+    assert type(split) is SVDQSplitLinear and split.splits == [256, 1024]
+    assert [p.act_unsigned for p in split.parts] == [False, True]
+    inputs = tiny_flux_inputs(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+
+
+def _edit_layers(fn):
+    def edit(meta):
+        layers = json.loads(meta["layers"])
+        fn(layers)
+        meta["layers"] = json.dumps(layers)
+
+    return edit
+
+
+SPLIT = "single_transformer_blocks.0.proj_out"
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m[SPLIT].update(splits=[256, 1000]), r"splits=\[256, 1000\] must be two or"),
+        (lambda m: m.pop(f"{SPLIT}.parts.1"), "has no valid 'layers' entry for its part"),
+    ],
+)  # fmt: skip
+def test_bad_split_metadata_is_named(tmp_path, edit, message):
+    model = _with_split_proj_out(randomly_quantized_tiny_flux("int4", dtype=torch.bfloat16))
+    path = save_quantized(model, tmp_path / "m.safetensors")
+    _rewrite(path, edit_meta=_edit_layers(edit))
     with pytest.raises(CheckpointError, match=message):
         load_quantized(path)
