@@ -14,6 +14,10 @@ The weights are for timing only: on the meta device nothing is allocated; on a r
 realistic codes and scales. This is not a calibrated model (use ``dcgen_quant.quantize`` for
 that).
 
+INT4 FLUX layers that read a GELU output get unsigned activation codes, and the single blocks'
+``proj_out`` becomes a two-part :class:`SVDQSplitLinear`, as the quantizer's plan for the model
+decides (``ModelFamily.plan_block`` with the default QuantConfig).
+
 By default each FLUX attention's q/k/v (and added q/k/v) then run as one fused layer
 (:func:`dcgen_quant.fusion.fuse_projections`), as a checkpoint loaded with ``fuse=True`` runs,
 on meta as on a real device: the latency model's op trace sees one ``quantize_act`` and one
@@ -28,7 +32,7 @@ import torch
 from torch import nn
 
 from dcgen_quant.formats import get_format, quantize_weight
-from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, W4A16Conv1x1, W4A16Linear
+from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
 
 __all__ = ["convert_to_w4a4", "share_group_inputs_", "BLOCK_PREFIXES", "MODULATION_SUFFIXES"]
 
@@ -87,10 +91,14 @@ def convert_to_w4a4(
 
     Returns
     -------
-    counts : ``{"w4a4": n, "w4a16": n, "kept": n, "fused_attentions": n}``
+    counts : ``{"w4a4": n, "w4a16": n, "kept": n, "unsigned": n, "split": n,
+        "fused_attentions": n}`` (unsigned and split layers are among the w4a4 ones)
     """
+    from dcgen_quant.quantize.layer import make_split_module
+
     group = get_format(fmt).group_size
-    counts = {"w4a4": 0, "w4a16": 0, "kept": 0}
+    counts = {"w4a4": 0, "w4a16": 0, "kept": 0, "unsigned": 0, "split": 0}
+    unsigned, splits = _gelu_plan(model, fmt)
     generator = None
     targets = []
     for name, module in model.named_modules():
@@ -110,18 +118,43 @@ def convert_to_w4a4(
         if weight_only:
             cls = W4A16Conv1x1 if conv else W4A16Linear
             layer = cls(k, n, fmt=fmt, bias=bias, dtype=dtype, device=dev)
+        elif name in splits:
+            layer = make_split_module(k, n, splits[name], rank, bias, fmt, dtype, dev)
+            counts["split"] += 1
         else:
             cls = SVDQConv1x1 if conv else SVDQLinear
-            layer = cls(k, n, rank=rank, fmt=fmt, bias=bias, dtype=dtype, device=dev)
+            u = name in unsigned  # an unsigned layer's bias holds the shift: always present
+            layer = cls(k, n, rank=rank, fmt=fmt, bias=bias or u, dtype=dtype, device=dev,
+                        act_unsigned=u)  # fmt: skip
+            counts["unsigned"] += u
         if dev.type != "meta":
             if generator is None:
                 generator = torch.Generator(device=dev).manual_seed(seed)
-            _set_random_(layer, (n, k), generator)
+            for part in layer.parts if isinstance(layer, SVDQSplitLinear) else [layer]:
+                _set_random_(part, (n, part.in_features), generator)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         counts["w4a16" if weight_only else "w4a4"] += 1
     counts["fused_attentions"] = _fuse(model) if fuse else 0
     return counts
+
+
+def _gelu_plan(model: nn.Module, fmt: str) -> tuple[set[str], dict[str, int]]:
+    """(linears with unsigned activations, {linear: split position}) as the quantizer plans
+    them for ``model`` in ``fmt`` with the default QuantConfig (none for NVFP4 or SANA)."""
+    from dcgen_quant.models.base import family_for
+    from dcgen_quant.quantize.config import QuantConfig
+
+    family = family_for(model)
+    config = QuantConfig(format=fmt, skip_incompatible=True)
+    unsigned, splits = set(), {}
+    for block_name, block in family.blocks(model):
+        for group in family.plan_block(block_name, block, config).groups:
+            if group.act_unsigned:
+                unsigned.update(group.names)
+            if group.split_at is not None:
+                splits[group.names[0]] = group.split_at
+    return unsigned, splits
 
 
 @torch.no_grad()

@@ -31,12 +31,13 @@ def quantize_act_bytes(m: int, k: int, fmt: str) -> int:
     return reads + writes
 
 
-def block_layers(kind: str, fused: bool) -> list[tuple[int, int, int]]:
+def block_layers(kind: str, fused: bool, fmt: str) -> list[tuple[int, int, int]]:
     """(M, K, N) of every W4A4 layer of one FLUX block at 1K (modulation linears are W4A16).
 
     Double-stream: per stream (image M = 4096, text M = 512) q, k, v, the output projection and
     the MLP (H -> 4H -> H). Single-stream over the joint sequence (4608 tokens): q, k, v,
-    proj_mlp (H -> 4H) and proj_out over concat(attention, MLP) (5H -> H). Fused, each q/k/v
+    proj_mlp (H -> 4H) and proj_out over concat(attention, MLP) (5H -> H); in INT4 proj_out is
+    split into its attention part (H -> H) and its GELU part (4H -> H). Fused, each q/k/v
     triple is one layer of N = 3H.
     """
     qkv = [(H, 3 * H)] if fused else [(H, H)] * 3
@@ -44,7 +45,8 @@ def block_layers(kind: str, fused: bool) -> list[tuple[int, int, int]]:
         per_stream = [*qkv, (H, H), (H, 4 * H), (4 * H, H)]
         return [(m, k, n) for m in (IMAGE, TEXT) for k, n in per_stream]
     joint = IMAGE + TEXT
-    return [(joint, k, n) for k, n in [*qkv, (H, 4 * H), (5 * H, H)]]
+    proj_out = [(H, H), (4 * H, H)] if fmt == "int4" else [(5 * H, H)]
+    return [(joint, k, n) for k, n in [*qkv, (H, 4 * H), *proj_out]]
 
 
 def _block_ops(ops, segment: str, kind: str) -> list[opcount.Op]:
@@ -65,7 +67,7 @@ def traces(request):
 def test_one_quantize_act_and_one_gemm_per_qkv_group(traces, kind, segment):
     fmt, ops = traces
     for fused in (True, False):
-        layers = block_layers(kind, fused)
+        layers = block_layers(kind, fused, fmt)
         quant = _block_ops(ops[fused], segment, "quant")
         expected = sorted(quantize_act_bytes(m, k, fmt) for m, k, _ in layers)
         assert [o.bytes for o in quant] == expected, (fused, fmt)
@@ -75,7 +77,8 @@ def test_one_quantize_act_and_one_gemm_per_qkv_group(traces, kind, segment):
         )
         gemms = _block_ops(ops[fused], segment, "w4a4")
         assert sorted(o.flops for o in gemms) == sorted(2.0 * m * k * n for m, k, n in layers)
-    # per double block: 12 -> 8 quantize_act (two groups); per single block 5 -> 3 (one group)
+    # per double block: 12 -> 8 quantize_act (two groups); per single block 5 -> 3 (one group;
+    # 6 -> 4 in INT4, where proj_out is two parts)
     groups = 2 if kind == "double" else 1
     quant = {f: _block_ops(ops[f], segment, "quant") for f in (True, False)}
     assert len(quant[False]) - len(quant[True]) == 2 * groups
@@ -87,7 +90,8 @@ def test_one_quantize_act_and_one_gemm_per_qkv_group(traces, kind, segment):
 def test_whole_step_counts(traces):
     fmt, ops = traces
     count = {f: sum(o.kind == "quant" for o in ops[f]) for f in (True, False)}
-    assert count == {True: 19 * 8 + 38 * 3, False: 19 * 12 + 38 * 5}
+    split = fmt == "int4"  # each single block's proj_out: two parts, two quantize_act
+    assert count == {True: 19 * 8 + 38 * (3 + split), False: 19 * 12 + 38 * (5 + split)}
     # nothing but the 4-bit linears changes: the same memory-bound ops, the same attention
     for kind in ("mem", "attn", "w4a16"):
         a, b = ([(o.name, o.bytes) for o in ops[f] if o.kind == kind] for f in (True, False))
@@ -132,3 +136,20 @@ def test_fusion_makes_the_w4a4_prediction_faster_and_leaves_bf16_alone():
     assert fused.total_s < unfused.total_s
     bf16 = [latency.predict_image(gpu, *args, fuse_qkv=f).total_s for f in (True, False)]
     assert bf16[0] == bf16[1]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_convert_follows_the_quantizer_plan_for_gelu_inputs(fmt):
+    """INT4: the FeedForward net.2 layers read unsigned codes and the single block's proj_out is
+    split, as dcgen_quant.quantize plans them; NVFP4 has neither."""
+    from dcgen_quant.nn import SVDQLinear, SVDQSplitLinear
+
+    over = measured.TINY_TRANSFORMER["flux"]
+    model = configs.build_transformer("flux", "meta", torch.float32, **over)
+    counts = convert_to_w4a4(model, fmt)
+    int4 = fmt == "int4"
+    assert (counts["unsigned"], counts["split"]) == ((2, 1) if int4 else (0, 0))
+    ff = model.transformer_blocks[0].ff.net[2]
+    assert type(ff) is SVDQLinear and ff.act_unsigned == int4
+    proj_out = model.single_transformer_blocks[0].proj_out
+    assert type(proj_out) is (SVDQSplitLinear if int4 else SVDQLinear)
