@@ -17,6 +17,8 @@ On a CUDA GPU it times (medians of CUDA-event timings, ``triton.testing.do_bench
   of 128, against ``torch.nn.functional.scaled_dot_product_attention``;
 * q/k/v fusion: three INT4 ``SVDQLinear`` of one input (M = 4096, 3072x3072) one by one vs
   fused into one layer (``dcgen_quant.fusion``).
+* unsigned activations: quantize_act + INT4 GEMM of a FeedForward ``net.2`` (M = 4096,
+  K = 12288, N = 3072) on GELU outputs with unsigned codes vs the same with signed codes.
 
 Each row has the median time, TFLOP/s, GB/s, the speedup over the baseline, the fraction of the
 datasheet ceiling (bench/hardware.py) for the unit the kernel uses, and the max relative
@@ -53,7 +55,7 @@ import torch
 
 from dcgen_quant import capabilities, ops
 from dcgen_quant.atomic import atomic_write_text
-from dcgen_quant.formats import quantize_weight
+from dcgen_quant.formats import dequantize_weight, quantize_weight
 from dcgen_quant.formats.layouts import to_layout
 from dcgen_quant.tables import format_table
 
@@ -63,7 +65,7 @@ GEMM_M = (256, 1024, 4096, 16384)
 GEMM_NK = ((3072, 3072), (12288, 3072), (3072, 12288), (3072, 15360))
 ATTN_TOKENS = (4096 + 512, 16384 + 512)
 RANK = 32
-OPS = ("gemm", "lowrank", "quantize", "w4a16", "attention", "fusion", "lead")
+OPS = ("gemm", "lowrank", "quantize", "w4a16", "attention", "fusion", "unsigned", "lead")
 
 COLUMNS = [
     ("op", "op", None),
@@ -304,6 +306,45 @@ def case_fusion(m, n, k, backends, device, quick, env) -> list[dict]:
     return rows
 
 
+def case_unsigned(m, n, k, backends, device, quick, env) -> list[dict]:
+    """One SVDQLinear forward (quantize_act + INT4 GEMM) on GELU outputs, unsigned activation
+    codes vs signed: the time (should be equal) and the output error against the float layer
+    (unsigned should be lower)."""
+    from dcgen_quant.formats import UNSIGNED_ACT_SHIFT
+    from dcgen_quant.nn import SVDQLinear
+
+    rows = []
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.nn.functional.gelu(torch.randn(m, k, generator=g), approximate="tanh")
+    x = x.to(device, torch.bfloat16)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    y_float = (x.float().cpu() @ w.t()).to(device)
+    shape = f"M={m} N={n} K={k} (GELU inputs)"
+    for name, module in backends.items():
+        if isinstance(module, str):
+            continue
+        ops.set_backend(name)
+        layout = module.preferred_layout("int4")
+        times, errs = {}, {}
+        for unsigned in (False, True):
+            layer = SVDQLinear(k, n, rank=0, fmt="int4", bias=True, dtype=torch.bfloat16,
+                               act_unsigned=unsigned)  # fmt: skip
+            qw = quantize_weight(w, "int4", torch.bfloat16)
+            layer.qweight.copy_(qw.qweight)
+            layer.wscales.copy_(qw.wscales)
+            # the bias cancels the shift, as the quantizer sets it (quantize/layer.unsigned_bias)
+            shift = UNSIGNED_ACT_SHIFT * dequantize_weight(qw).sum(1)
+            layer.bias.copy_(-shift if unsigned else torch.zeros(n))
+            layer = layer.to(device)
+            layer.set_layout(layout)
+            errs[unsigned] = max_rel_err(layer(x).float(), y_float)
+            times[unsigned] = median_ms(lambda lay=layer: lay(x), device, quick)
+        rows.append(_row("svdq_linear int4 unsigned", name, shape, times[True],
+                         base=("signed codes", times[False]), env=env, max_rel_err=errs[True],
+                         note=f"error {errs[True]:.4f} vs {errs[False]:.4f} signed"))  # fmt: skip
+    return rows
+
+
 def copy_bandwidth(device, quick, numel=1 << 28) -> float:
     """Measured device-to-device copy bandwidth in GB/s (read + write)."""
     src = torch.empty(numel // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
@@ -435,6 +476,9 @@ def plan(quick: bool, device: str, only: set[str]) -> list[tuple[str, Callable, 
             (first if i == 0 else rest).append((f"attention S={t}", case_attention, (t, heads, d)))
     if "fusion" in only:
         rest.insert(0, ("q/k/v fusion", case_fusion, fusion))
+    if "unsigned" in only:  # FLUX ff.net.2: 12288 -> 3072 on GELU outputs
+        unsigned = (5, 64, 128) if device == "cpu" else (4096, 3072, 12288)
+        rest.insert(1, ("unsigned activations", case_unsigned, unsigned))
     if "w4a16" in only:
         rest += [(f"w4a16 {f}", case_w4a16, (f, *w4a16)) for f in ("int4", "nvfp4")]
     return first if lead_only else first + rest

@@ -30,7 +30,8 @@ def test_quick_interpreter_run_writes_tables(tmp_path, monkeypatch):
         raise RuntimeError("deliberately broken case")
 
     monkeypatch.setattr(kernel_bench, "case_w4a16", broken)
-    argv = ["--out", str(tmp_path), "--quick", "--only", "quantize,w4a16,attention,lowrank,fusion"]
+    argv = ["--out", str(tmp_path), "--quick", "--only",
+            "quantize,w4a16,attention,lowrank,fusion,unsigned"]  # fmt: skip
     assert kernel_bench.main(argv) == 0
     doc = json.loads((tmp_path / "kernel_bench.json").read_text())
     md = (tmp_path / "kernel_bench.md").read_text()
@@ -41,9 +42,11 @@ def test_quick_interpreter_run_writes_tables(tmp_path, monkeypatch):
     triton_rows = [r for r in rows if r.get("backend") == "triton"]
     ops_done = {r["op"] for r in triton_rows}  # ... and the other cases still ran
     assert {"quantize_act int4", "quantize_act nvfp4", "attention", "attention 8-bit"} <= ops_done
-    assert {"low-rank overhead int4", "q/k/v fusion int4"} <= ops_done
+    assert {"low-rank overhead int4", "q/k/v fusion int4", "svdq_linear int4 unsigned"} <= ops_done
     fusion = next(r for r in triton_rows if r["op"] == "q/k/v fusion int4")
     assert fusion["max_rel_err"] <= 1e-6, fusion  # each column computed as in its own layer
+    unsigned = next(r for r in triton_rows if r["op"] == "svdq_linear int4 unsigned")
+    assert unsigned["max_rel_err"] < 0.5 and "vs" in unsigned["note"], unsigned
     assert all(r["ms"] > 0 and not r.get("error") for r in triton_rows)
     assert all("bit-exact" in r["note"] for r in triton_rows if r["op"].startswith("quantize"))
     assert "| quantize_act int4 | triton |" in md
