@@ -169,23 +169,12 @@ def make_split_module(
     """An empty :class:`SVDQSplitLinear` as :func:`quantize_split` builds it (resume): part 0
     reads columns [0, split_at) with signed codes and the layer's bias, part 1 the rest with
     unsigned codes and the bias that cancels their shift; ``rank`` is the configured rank."""
-    parts = [
-        SVDQLinear(
-            k,
-            out_features,
-            effective_rank(rank, out_features, k),
-            fmt,
-            has_bias,
-            dtype,
-            device,
-            unsigned,
-        )  # fmt: skip
-        for k, has_bias, unsigned in (
-            (split_at, bias, False),
-            (in_features - split_at, True, True),
-        )
-    ]
-    return SVDQSplitLinear(parts)
+    layout = ((split_at, bias, False), (in_features - split_at, True, True))
+    return SVDQSplitLinear([
+        SVDQLinear(k, out_features, effective_rank(rank, out_features, k), fmt, has_bias, dtype,
+                   device, unsigned)
+        for k, has_bias, unsigned in layout
+    ])  # fmt: skip
 
 
 def _fill_weight(module, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:

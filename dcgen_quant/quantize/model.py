@@ -127,9 +127,8 @@ def _quantize_block(
             elif group.split_at is not None and _unsigned_ok(group, x[:, group.split_at :], names):
                 results = [quantize_split(specs[0], x, config, group.split_at)]
             else:
-                results = quantize_group(
-                    specs, x, config, act_unsigned=_unsigned_ok(group, x, names)
-                )
+                unsigned = group.act_unsigned and _unsigned_ok(group, x, names)
+                results = quantize_group(specs, x, config, act_unsigned=unsigned)
         for (module, entry), spec in zip(results, specs):
             module = module.to(device)
             replace_module(model, spec.name, module)
