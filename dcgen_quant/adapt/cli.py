@@ -100,9 +100,9 @@ def _options(args, demo: bool):
     return opts
 
 
-def _print_report(mse, flow, args, extra: dict) -> None:
+def _print_report(mse, flow, breakdown, args, extra: dict) -> None:
     from ..tables import emit, format_table
-    from .report import block_table
+    from .report import block_table, breakdown_table
 
     gain = None
     if "surgery" in mse:
@@ -113,15 +113,31 @@ def _print_report(mse, flow, args, extra: dict) -> None:
     flow_cols = [("model", "model", None), ("flow", "held-out flow loss (w=1)", ".4f")]
     if any(r["guided"] is not None for r in flow_rows):
         flow_cols.append(("guided", "guided, w in {1, 3.5, 7, 14}", ".4f"))
+    detail_rows, detail_cols = breakdown_table(breakdown)
     if args.json:
-        emit(rows, cols, True, extra={**extra, "flow_loss": flow_rows})
+        extra = {**extra, "flow_loss": flow_rows, "flow_breakdown": detail_rows}
+        emit(rows, cols, True, extra=extra)
         return
     emit(rows, cols, False, title="per-block feature MSE vs the base model (held-out images)")
     print()
     print(format_table(flow_rows, flow_cols))
+    print()
+    print(
+        format_table(
+            detail_rows,
+            detail_cols,
+            title="flow loss per guidance scale and caption; training images at w=1",
+        )
+    )
     for key, value in extra.items():
         if key in ("plot", "model", "report"):
             print(f"{key}: {value}")
+
+
+def _report_json(mse, flow, breakdown, extra: dict) -> str:
+    """``OUT/report.json``: the three tables keyed by state name, plus ``extra``."""
+    doc = {"blocks": mse, "flow_loss": flow, "flow_breakdown": breakdown, **extra}
+    return json.dumps(doc, indent=2, default=str) + "\n"
 
 
 def run(args) -> int:
@@ -154,7 +170,7 @@ def run(args) -> int:
     ctx = Context(inputs, out / "cache", device=args.device, dtype=args.dtype)
     state = run_chain(ctx, out, opts)
     names = {s: s for s in ("surgery", "align", "head", "lora")}
-    mse, flow = evaluate(ctx, [(out, names)], opts.reconcile)
+    mse, flow, breakdown = evaluate(ctx, [(out, names)], opts.reconcile)
     plot = save_plot(out / "report.png", mse, flow, f"DC-Gen adapt ({ctx.family})")
     extra = {
         "out": str(out),
@@ -165,9 +181,9 @@ def run(args) -> int:
     }
     atomic_write_text(
         out / "report.json",
-        json.dumps({"blocks": mse, "flow_loss": flow, **extra}, indent=2, default=str) + "\n",
+        _report_json(mse, flow, breakdown, extra),
     )
-    _print_report(mse, flow, args, extra)
+    _print_report(mse, flow, breakdown, args, extra)
     return 0
 
 
@@ -217,7 +233,7 @@ def _run_demo(args) -> int:
         ),
         (out / "unaligned", {"lora": "lora-only"}),
     ]
-    mse, flow = evaluate(ctx, runs, opts.reconcile)
+    mse, flow, breakdown = evaluate(ctx, runs, opts.reconcile)
     plot = save_plot(out / "report.png", mse, flow, f"DC-Gen demo, tiny {ctx.family}")
     extra = {
         "out": str(out),
@@ -230,7 +246,7 @@ def _run_demo(args) -> int:
     }
     atomic_write_text(
         out / "report.json",
-        json.dumps({"blocks": mse, "flow_loss": flow, **extra}, indent=2, default=str) + "\n",
+        _report_json(mse, flow, breakdown, extra),
     )
-    _print_report(mse, flow, args, extra)
+    _print_report(mse, flow, breakdown, args, extra)
     return 0

@@ -193,12 +193,56 @@ def heldout_flow_loss(
     With the default ``guidance=(1.0,)`` this is plain flow matching (v(x_t, c, t, w=1) against
     eps - x0). Other scales evaluate the guidance-distilled objective of stage 3, v_hat =
     [v(x_t, c, t, w) - (1 - w) v(x_t, empty, t, 1)] / w, averaged over the scales (no text
-    drop); they need ``empty`` and a guidance-embedding model.
+    drop); they need ``empty`` and a guidance-embedding model. :func:`heldout_flow_losses`
+    gives the same number broken down by scale.
 
     Parameters
     ----------
     x0 : float32 [N, C, H, W] clean scaled latents; text : N rows of conditioning
     empty : the empty prompt's conditioning (1 row)
+    """
+    guided = any(w != 1.0 for w in guidance)
+    # the empty prompt only matters to the guided objective; passed without it, it would add
+    # the empty-caption pass that heldout_flow_losses then does
+    kw = {"k_sigmas": k_sigmas, "seed": seed, "batch_size": batch_size, "shift": shift}
+    return heldout_flow_losses(
+        model, x0, text, p, empty=empty if guided else None, guidance=guidance, **kw
+    )["mean"]
+
+
+@torch.no_grad()
+def heldout_flow_losses(
+    model: nn.Module,
+    x0: torch.Tensor,
+    text: TextBatch,
+    p: int,
+    *,
+    empty: TextBatch | None = None,
+    guidance: tuple[float, ...] = (1.0,),
+    k_sigmas: int = 8,
+    seed: int = 0,
+    batch_size: int = 16,
+    shift: float | None = None,
+) -> dict:
+    """:func:`heldout_flow_loss` per guidance scale, and with the empty caption.
+
+    The same fixed sigmas, noise and batches as :func:`heldout_flow_loss`, whose value is
+    ``"mean"`` here (computed in the same order, so bit-identical).
+
+    Parameters
+    ----------
+    model, x0, text, p, guidance, k_sigmas, seed, batch_size, shift : as in
+        :func:`heldout_flow_loss`; x0 is float32 [N, C, H, W], text has N rows
+    empty : the empty prompt's conditioning (1 row); needed for scales other than 1, and with
+        it the empty-caption loss is measured too
+
+    Returns
+    -------
+    dict with ``"mean"``: the loss averaged over ``guidance``; ``"per_w"``: {w: the loss at
+    scale w alone} for each scale; ``"empty"``: plain flow matching (w = 1) with the empty
+    prompt in place of every caption, or None without ``empty``. With a scale other than 1 the
+    empty-caption prediction is the guided objective's unconditional term v(x_t, empty, t, 1),
+    so it costs no extra forward pass; otherwise it is one more pass per batch.
     """
     guided = any(w != 1.0 for w in guidance)
     if guided and (empty is None or not fam.has_guidance(model)):
@@ -213,6 +257,9 @@ def heldout_flow_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    per_w = dict.fromkeys(guidance, 0.0)
+    per_w_count = dict.fromkeys(guidance, 0)
+    total_empty, count_empty = 0.0, 0
     try:
         for k in range(k_sigmas):
             for i in range(0, n, batch_size):
@@ -225,16 +272,25 @@ def heldout_flow_loss(
                 ones = torch.ones(j - i, device=xb.device)
                 cond = text.select(slice(i, j)).to(xb.device)
                 v_u = None
-                if guided:
+                if empty is not None:
                     v_u = fam.forward(
                         model, x_t, empty.to(xb.device).expand(j - i), sigma, ones, p
                     ).float()
+                    total_empty += torch.sum((v_u - target) ** 2).item()
+                    count_empty += v_u.numel()
                 for w in guidance:
                     v = fam.forward(model, x_t, cond, sigma, ones * w, p).float()
                     if w != 1.0:
                         v = (v - (1 - w) * v_u) / w
-                    total += torch.sum((v - target) ** 2).item()
+                    err = torch.sum((v - target) ** 2).item()
+                    total += err
                     count += v.numel()
+                    per_w[w] += err
+                    per_w_count[w] += v.numel()
     finally:
         model.train(was_training)
-    return total / count
+    return {
+        "mean": total / count,
+        "per_w": {w: per_w[w] / per_w_count[w] for w in guidance},
+        "empty": total_empty / count_empty if empty is not None else None,
+    }

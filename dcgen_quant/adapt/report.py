@@ -9,7 +9,9 @@ base states average-pooled onto the new grid; bilinear: the adapted states upsam
 base grid). MSE = mean over images, tokens and channels.
 
 Flow-matching loss: :func:`dcgen_quant.adapt.flow.heldout_flow_loss` on held-out images, with
-fixed sigmas and noise, so numbers of different models compare without sampling noise.
+fixed sigmas and noise, so numbers of different models compare without sampling noise; its
+breakdown (:func:`breakdown_table`) gives the held-out loss at each guidance scale and with the
+empty caption, and the loss on training images (is a change generalization or fitting?).
 """
 
 from __future__ import annotations
@@ -132,6 +134,18 @@ def block_table(mse_by_state: dict[str, dict[str, float]], gain: tuple[str, str]
     cols = [("block", "block", None)] + [(s, s, ".4g") for s in states]
     if gain:
         cols.append(("gain", f"{gain[0]}/{gain[1]}", ".1f"))
+    return rows, cols
+
+
+def breakdown_table(breakdown: dict[str, dict[str, float]]):
+    """Rows (one per model state) and columns of the flow-loss breakdown for
+    :func:`dcgen_quant.tables.emit` (``breakdown`` as :func:`~dcgen_quant.adapt.runner.evaluate`
+    returns it): the held-out loss at each guidance scale (guidance-embedding models only), the
+    held-out loss with the empty caption, and the loss on training images at w = 1."""
+    rows = [{"model": k, **v} for k, v in breakdown.items()]
+    scales = [k for k in next(iter(breakdown.values())) if k.startswith("w=")]
+    cols = [("model", "model", None)] + [(k, f"held-out {k}", ".4f") for k in scales]
+    cols += [("empty", "held-out empty caption", ".4f"), ("train", "train images w=1", ".4f")]
     return rows, cols
 
 

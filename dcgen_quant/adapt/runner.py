@@ -399,12 +399,17 @@ def _embed_head(model) -> dict:
 GUIDANCE_EVAL = (1.0, 3.5, 7.0, 14.0)
 
 
+def w_key(w: float) -> str:
+    """The breakdown's key (and column header) of guidance scale ``w``: ``"w=3.5"``."""
+    return f"w={w:g}"
+
+
 def evaluate(
     ctx: Context,
     runs: list[tuple[str | Path, dict[str, str]]],
     reconcile_mode: str = "pool",
     sigma: float = 0.0,
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, dict]:
     """Per-block feature MSE and held-out flow losses of the states of one or more runs.
 
     Parameters
@@ -415,44 +420,75 @@ def evaluate(
 
     Returns
     -------
-    (mse: name -> {block: mse}, flow: name -> {"flow": loss at w = 1, "guided": the distilled
-    objective averaged over w in GUIDANCE_EVAL (guidance-embedding models; else None)}); the
-    flow dict starts with ``base``: the base model on the base latents of the same images.
+    mse : name -> {block: mse}
+    flow : name -> {"flow": held-out loss at w = 1, "guided": the distilled objective averaged
+        over w in GUIDANCE_EVAL (guidance-embedding models; else None)}
+    breakdown : name -> {"w=1", "w=3.5", "w=7", "w=14": the held-out loss at each scale of
+        GUIDANCE_EVAL alone (guidance-embedding models only; "w=1" is computed apart from
+        ``flow``'s and must equal it), "empty": held-out loss at w = 1 with the empty caption,
+        "train": loss at w = 1 on training images}
+
+    ``flow`` and ``breakdown`` start with ``base``: the base model on the base latents of the
+    same images. Held-out images: the first ``report_images``; training images: as many,
+    evenly spaced over the training set (so every photograph of a sorted folder is represented).
+    All losses use :func:`~dcgen_quant.adapt.flow.heldout_flow_loss`'s fixed sigmas and noise.
     """
     import contextlib
 
     n = min(len(ctx.held), ctx.inputs.report_images)
-    held = slice(0, n)
+    held = torch.arange(n)
+    n_train = min(len(ctx.train), ctx.inputs.report_images)
+    train = torch.arange(n_train) * len(ctx.train) // n_train
     dev = ctx.device
-    text, empty = ctx.held.text(held).to(dev), ctx.held.empty.to(dev)
-    base_z, new_z = ctx.held.base[held].to(dev), ctx.held.new[held].to(dev)
+    text = {"held": ctx.held.text(held).to(dev), "train": ctx.train.text(train).to(dev)}
+    latents = {
+        space: {
+            "held": getattr(ctx.held, space)[held].to(dev),
+            "train": getattr(ctx.train, space)[train].to(dev),
+        }
+        for space in ("base", "new")
+    }
     amp = (
         torch.autocast(dev.type, dtype=getattr(torch, ctx.dtype))
         if ctx.dtype != "float32"
         else contextlib.nullcontext()
     )
     with amp:
-        return _evaluate(ctx, runs, reconcile_mode, sigma, text, empty, base_z, new_z)
+        return _evaluate(ctx, runs, reconcile_mode, sigma, text, ctx.held.empty.to(dev), latents)
 
 
-def _evaluate(ctx, runs, reconcile_mode, sigma, text, empty, base_z, new_z):
-    from .flow import heldout_flow_loss
+def _evaluate(ctx, runs, reconcile_mode, sigma, text, empty, latents):
+    from .flow import heldout_flow_loss, heldout_flow_losses
     from .report import AlignmentProbe
 
-    probe = AlignmentProbe(ctx.base, base_z, text, reconcile_mode, sigma)
+    probe = AlignmentProbe(ctx.base, latents["base"]["held"], text["held"], reconcile_mode, sigma)
 
-    def losses(model, z, p):
-        guided = None
+    def losses(model, z):
+        """(flow entry, breakdown entry) of ``model`` on ``z``: {"held", "train"} latents."""
+        held, p = z["held"], fam.latent_patch_size(model, z["held"].shape[1])
+        flow = {"flow": heldout_flow_loss(model, held, text["held"], p), "guided": None}
+        detail = {}
         if fam.has_guidance(model):
-            guided = heldout_flow_loss(model, z, text, p, empty=empty, guidance=GUIDANCE_EVAL)
-        return {"flow": heldout_flow_loss(model, z, text, p), "guided": guided}
+            # one pass gives every scale and, as its unconditional term, the empty caption
+            res = heldout_flow_losses(
+                model, held, text["held"], p, empty=empty, guidance=GUIDANCE_EVAL
+            )
+            flow["guided"] = res["mean"]
+            detail = {w_key(w): loss for w, loss in res["per_w"].items()}
+            detail["empty"] = res["empty"]
+        else:
+            detail["empty"] = heldout_flow_loss(model, held, empty.expand(held.shape[0]), p)
+        detail["train"] = heldout_flow_loss(model, z["train"], text["train"], p)
+        return flow, detail
 
-    mse, flow = {}, {"base": losses(ctx.base, base_z, ctx.base_p)}
+    flow, breakdown = {}, {}
+    flow["base"], breakdown["base"] = losses(ctx.base, latents["base"])
+    mse = {}
     for out, names in runs:
         for label, model in states(ctx, out):
             if label not in names:
                 continue
             name = names[label]
-            mse[name] = probe.mse(model, new_z)
-            flow[name] = losses(model, new_z, fam.latent_patch_size(model, ctx.new_channels))
-    return mse, flow
+            mse[name] = probe.mse(model, latents["new"]["held"])
+            flow[name], breakdown[name] = losses(model, latents["new"])
+    return mse, flow, breakdown

@@ -93,6 +93,7 @@ def test_stages_one_at_a_time_with_resume_and_the_output_loads(flux_inputs, tmp_
         )
         assert code == 0, err
     assert "per-block feature MSE" in stdout and "held-out flow loss" in stdout
+    assert "held-out w=14" in stdout and "train images w=1" in stdout
     state = json.loads((out / "adapt.json").read_text())
     assert [s for s in ("align", "head", "lora") if state["stages"][s]["done"]] == [
         "align",
@@ -198,6 +199,18 @@ def test_bfloat16_chain_trains_float32_parameters_under_autocast(
     rep = json_report(stdout)
     assert all(math.isfinite(v) for r in rep["rows"] for k, v in r.items() if k != "block" and v)
     assert all(math.isfinite(f["flow"]) for f in rep["flow_loss"])
+    # the loss breakdown, on the CLI's own path: per scale (FLUX), empty caption, training images
+    scales = ["w=1", "w=3.5", "w=7", "w=14"] if family == "flux" else []
+    flow = {f["model"]: f for f in rep["flow_loss"]}
+    detail = {r["model"]: r for r in rep["flow_breakdown"]}
+    assert list(detail) == list(flow) == ["base", "surgery", "align", "head", "lora"]
+    for name, r in detail.items():
+        assert list(r) == ["model", *scales, "empty", "train"]
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in r if k != "model"), r
+        if scales:  # evaluated apart from the first table's w = 1 column, same noise and sigmas
+            assert r["w=1"] == flow[name]["flow"]
+    saved = json.loads((out / "report.json").read_text())["flow_breakdown"]
+    assert saved == {k: {c: v for c, v in r.items() if c != "model"} for k, r in detail.items()}
     state = json.loads((out / "adapt.json").read_text())
     assert all(state["stages"][s]["config"]["autocast"] == "bfloat16" for s in state["stages"])
     for stage in ("align", "head", "lora"):  # what trained was float32

@@ -7,11 +7,14 @@ is checked:
 - stage 1 lowers the per-block feature MSE against the base by at least 5x at every block;
 - stage 2 lowers the held-out flow-matching loss, stage 3 the guidance-distilled held-out loss
   it trains (docs/ADAPT.md discusses the w = 1 column after stage 3);
+- the loss breakdown: each guidance scale's held-out loss (its w = 1 equals the first table's),
+  the empty caption, training images;
 - the LoRA-only run without stage 1 stays further from the base at every block (the gap);
 - the output is a diffusers directory that FluxTransformer2DModel loads and runs.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -56,6 +59,21 @@ def test_demo_acceptance(tmp_path, capsys):
         assert r["lora-only"] > 2 * r["stage1"], r
     assert flow["lora-only"]["guided"] > flow["stage3"]["guided"]
 
+    # the breakdown: every scale's held-out loss, the empty caption, training images at w = 1
+    detail = {r["model"]: r for r in rep["flow_breakdown"]}
+    assert list(detail) == list(flow)
+    scales = ["w=1", "w=3.5", "w=7", "w=14"]
+    for name, r in detail.items():
+        assert list(r) == ["model", *scales, "empty", "train"]
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in r if k != "model"), r
+        # w = 1 is evaluated apart from the first table's column, on the same noise and sigmas
+        assert r["w=1"] == flow[name]["flow"]
+        assert sum(r[k] for k in scales) / 4 == pytest.approx(flow[name]["guided"], rel=1e-9)
+    assert detail["stage1"] == {**detail["surgery"], "model": "stage1"}  # zero head, v = 0
+    assert detail["stage2"]["train"] < 0.5 * detail["stage1"]["train"]
+    # stage 3 trains w ~ U[1, 14]: the largest scale's held-out loss falls
+    assert detail["stage3"]["w=14"] < detail["stage2"]["w=14"]
+
     # the output is a plain diffusers FLUX transformer that loads and runs
     model = FluxTransformer2DModel.from_pretrained(out / "aligned" / "model", local_files_only=True)
     assert model.config.in_channels == 32 and model.config.out_channels == 32
@@ -68,6 +86,9 @@ def test_demo_acceptance(tmp_path, capsys):
     assert v.shape == z.shape and torch.isfinite(v).all()
     saved = json.loads((out / "report.json").read_text())
     assert saved["blocks"]["stage1"] == {r["block"]: r["stage1"] for r in rows}
+    assert saved["flow_breakdown"]["stage3"] == {
+        k: v for k, v in detail["stage3"].items() if k != "model"
+    }
     assert (out / "report.png").stat().st_size > 5000
     assert rep["ae_psnr_db"]["base"] > 15 and rep["ae_psnr_db"]["target"] > 12
 
@@ -96,5 +117,13 @@ def test_sana_demo(tmp_path, capsys):
         assert r["lora-only"] > 2 * r["stage1"], r
         assert r["lora-only"] > r["stage3"], r
     assert flow["lora-only"]["flow"] > flow["stage3"]["flow"]
+    # no guidance scales: the breakdown has the empty caption and the training images
+    detail = {r["model"]: r for r in rep["flow_breakdown"]}
+    assert list(detail) == list(flow)
+    for r in detail.values():
+        assert list(r) == ["model", "empty", "train"]
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("empty", "train")), r
+    assert detail["stage1"]["empty"] == flow["stage1"]["flow"]  # zero head: v = 0, any caption
+    assert detail["stage3"]["train"] < detail["stage2"]["train"]
     model = SanaTransformer2DModel.from_pretrained(out / "aligned" / "model", local_files_only=True)
     assert model.config.in_channels == 128 and model.config.patch_size == 1

@@ -12,6 +12,7 @@ from dcgen_quant.adapt.flow import (
     eval_sigmas,
     flow_loss,
     heldout_flow_loss,
+    heldout_flow_losses,
     resolution_shift,
     sample_sigma,
     shift_sigma,
@@ -159,3 +160,40 @@ def test_heldout_loss_of_zero_head_is_the_zero_prediction_baseline():
     assert loss == pytest.approx(expected, rel=1e-6)
     again = heldout_flow_loss(model, x0, text, 1, k_sigmas=4, seed=2, batch_size=5)
     assert again == pytest.approx(loss, rel=1e-6)
+
+
+def test_heldout_breakdown_matches_separate_evaluations():
+    # heldout_flow_losses in one pass: each scale's loss, their mean and the empty-caption loss
+    # (taken from the guided objective's unconditional term) must equal separate evaluations
+    model, x0, text, empty = _setup(2)
+    kw = {"k_sigmas": 3, "seed": 4, "batch_size": 2}
+    scales = (1.0, 3.5, 14.0)
+    res = heldout_flow_losses(model, x0, text, 1, empty=empty, guidance=scales, **kw)
+    assert list(res["per_w"]) == list(scales)
+    assert res["mean"] == heldout_flow_loss(model, x0, text, 1, empty=empty, guidance=scales, **kw)
+    assert res["mean"] == pytest.approx(sum(res["per_w"].values()) / 3, rel=1e-12)
+    for w in scales:
+        alone = heldout_flow_loss(model, x0, text, 1, empty=empty, guidance=(w,), **kw)
+        assert res["per_w"][w] == pytest.approx(alone, rel=1e-6), w
+    uncond = heldout_flow_loss(model, x0, empty.expand(3), 1, **kw)
+    assert res["empty"] == pytest.approx(uncond, rel=1e-6)
+    values = [*res["per_w"].values(), res["empty"]]
+    assert len(set(values)) == len(values)  # the scales and the caption change the loss
+    assert heldout_flow_losses(model, x0, text, 1, **kw)["empty"] is None
+
+
+def test_heldout_breakdown_without_guidance_embedding():
+    # SANA: no scales but 1; the empty-caption loss is a pass of its own
+    model = surgery(tiny_sana(), 16, 1, head_init="default")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 16, 4, 4, generator=g)
+    text = TextBatch(torch.randn(3, 6, 128, generator=g), None, torch.ones(3, 6))
+    empty = TextBatch(torch.randn(1, 6, 128, generator=g), None, torch.ones(1, 6))
+    kw = {"k_sigmas": 2, "seed": 1, "batch_size": 2}
+    res = heldout_flow_losses(model, x0, text, 1, empty=empty, **kw)
+    assert res["per_w"] == {1.0: res["mean"]}
+    assert res["mean"] == heldout_flow_loss(model, x0, text, 1, **kw)
+    assert res["empty"] == pytest.approx(heldout_flow_loss(model, x0, empty.expand(3), 1, **kw))
+    assert res["empty"] != res["mean"]
+    with pytest.raises(ValueError, match="guidance-embedding model"):
+        heldout_flow_losses(model, x0, text, 1, empty=empty, guidance=(1.0, 3.5), **kw)
