@@ -285,3 +285,31 @@ def test_bad_split_metadata_is_named(tmp_path, edit, message):
     _rewrite(path, edit_meta=_edit_layers(edit))
     with pytest.raises(CheckpointError, match=message):
         load_quantized(path)
+
+
+def test_unsigned_gelu_lowers_the_whole_model_error():
+    """End to end: the tiny FLUX quantized with unsigned GELU inputs (and split proj_out) is
+    closer to its 16-bit model on unseen inputs than the same run with signed codes."""
+    from dcgen_quant.models import synthetic_calibration
+    from dcgen_quant.quantize import quantize_model
+
+    reference = tiny_flux(dtype=torch.bfloat16)
+    calib = synthetic_calibration(reference, samples=2, steps=2, seed=0)
+    held_out = synthetic_calibration(reference, samples=2, steps=2, seed=123)
+
+    def output(model, kw):
+        out = model(**kw)
+        return (out[0] if isinstance(out, tuple) else out.sample).float()
+
+    with torch.no_grad():
+        targets = [output(reference, kw) for kw in held_out]
+    errors = {}
+    for unsigned in (False, True):
+        model = tiny_flux(dtype=torch.bfloat16)
+        config = QuantConfig(**FAST_QUANT, unsigned_gelu=unsigned)
+        quantize_model(model, calib, config, progress=False)
+        with torch.no_grad():
+            errors[unsigned] = sum(
+                float((output(model, kw) - y).norm() / y.norm()) for kw, y in zip(held_out, targets)
+            ) / len(held_out)
+    assert errors[True] < 0.95 * errors[False], errors  # measured 0.0137 vs 0.0158
