@@ -6,12 +6,12 @@ from torch import nn
 
 from dcgen_quant import ops
 from dcgen_quant.formats import quantize_weight
-from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, W4A16Linear
+from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Linear
 
 
-def random_svdq(k, n, r, fmt, dtype=torch.bfloat16, seed=0):
+def random_svdq(k, n, r, fmt, dtype=torch.bfloat16, seed=0, act_unsigned=False):
     g = torch.Generator().manual_seed(seed)
-    layer = SVDQLinear(k, n, rank=r, fmt=fmt, dtype=dtype)
+    layer = SVDQLinear(k, n, rank=r, fmt=fmt, dtype=dtype, act_unsigned=act_unsigned)
     qw = quantize_weight(torch.randn(n, k, generator=g) / k**0.5, fmt, dtype)
     layer.qweight.copy_(qw.qweight)
     layer.wscales.copy_(qw.wscales)
@@ -115,9 +115,18 @@ def test_layout_is_in_memory_only(fmt):
 @pytest.mark.slow
 def test_torch_compile_fullgraph_on_cpu():
     torch._dynamo.reset()
-    model = nn.Sequential(
-        random_svdq(128, 64, 8, "int4"), nn.GELU(), random_svdq(64, 32, 8, "nvfp4")
+    # a signed INT4 layer, an unsigned one on its GELU output, a split layer, an NVFP4 layer
+    split = SVDQSplitLinear(
+        [
+            random_svdq(64, 64, 8, "int4", seed=1),
+            random_svdq(64, 64, 8, "int4", seed=2, act_unsigned=True),
+        ]
     )
+    model = nn.Sequential(
+        random_svdq(128, 64, 8, "int4"), nn.GELU(),
+        random_svdq(64, 128, 8, "int4", act_unsigned=True), split,
+        random_svdq(64, 32, 8, "nvfp4"),
+    )  # fmt: skip
     x = torch.randn(7, 128).to(torch.bfloat16)
     expected = model(x)
     compiled = torch.compile(model, fullgraph=True)
