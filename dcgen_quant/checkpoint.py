@@ -31,7 +31,11 @@ from .formats import get_format
 from .nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
 
 FORMAT_NAME = "dcgen_quant"
-FORMAT_VERSION = 1
+# Version 2 adds unsigned activation codes ("act_unsigned") and split layers ("svdq_split"). A
+# checkpoint is written with the lowest version that holds it, so that readers of version 1 (which
+# would ignore "act_unsigned" and compute wrong outputs) refuse only the files they cannot run.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 INDEX_NAME = "dcgen_quant.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -127,6 +131,15 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def format_version_for(layers: dict[str, dict[str, Any]]) -> int:
+    """The lowest format version that holds ``layers`` (see FORMAT_VERSION)."""
+    needs_2 = any(
+        isinstance(i, dict) and (i.get("act_unsigned") or i.get("kind") == "svdq_split")
+        for i in layers.values()
+    )
+    return 2 if needs_2 else 1
+
+
 def _build_metadata(model, config, report, checksums) -> dict[str, str]:
     layers = quantized_layers(model)
     if not layers:
@@ -136,7 +149,7 @@ def _build_metadata(model, config, report, checksums) -> dict[str, str]:
     report_dict = report.to_dict() if hasattr(report, "to_dict") else (report or {})
     fields = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(layers),
         "tool_version": __version__,
         "quantization_config": qconfig,
         "model": _model_description(model),
@@ -323,10 +336,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             meta[key] = json.loads(value) if key != "format" else value
         except (json.JSONDecodeError, TypeError):
             raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON") from None
-    if meta["format_version"] != FORMAT_VERSION:
+    version = meta["format_version"]
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: format_version {meta['format_version']} is not supported by dcgen_quant "
-            f"{__version__} (reads version {FORMAT_VERSION})"
+            f"{path}: format_version {version} is not supported by dcgen_quant "
+            f"{__version__} (reads versions {', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    if isinstance(meta["layers"], dict) and format_version_for(meta["layers"]) > version:
+        raise CheckpointError(
+            f"{path}: format_version {version} cannot hold unsigned activations or split "
+            "layers, but 'layers' has them"
         )
     return meta
 

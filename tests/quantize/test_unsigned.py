@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from dcgen_quant import ops
-from dcgen_quant.checkpoint import CheckpointError, load_quantized, save_quantized
+from dcgen_quant.checkpoint import (
+    CheckpointError,
+    load_quantized,
+    read_metadata,
+    save_quantized,
+)
 from dcgen_quant.formats import (
     UNSIGNED_ACT_SHIFT,
     dequantize_activation,
@@ -140,12 +145,22 @@ def _with_unsigned_ff(model):
 def test_checkpoint_keeps_the_flag_and_loads_bit_exact(tmp_path):
     model = _with_unsigned_ff(randomly_quantized_tiny_flux("int4", dtype=torch.bfloat16))
     path = save_quantized(model, tmp_path / "m.safetensors")
+    # version 2: a version-1 reader would ignore act_unsigned and compute wrong outputs
+    assert read_metadata(path)["format_version"] == 2
     loaded = load_quantized(path)
     flags = {n: m.act_unsigned for n, m in loaded.named_modules() if isinstance(m, SVDQLinear)}
     assert sum(flags.values()) == 4 and flags["transformer_blocks.1.ff_context.net.2"]
     inputs = tiny_flux_inputs(model)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+
+
+def test_version_1_file_with_unsigned_layers_is_refused(tmp_path):
+    model = _with_unsigned_ff(randomly_quantized_tiny_flux("int4", dtype=torch.bfloat16))
+    path = save_quantized(model, tmp_path / "m.safetensors")
+    _rewrite(path, edit_meta=lambda meta: meta.update(format_version="1"))
+    with pytest.raises(CheckpointError, match="format_version 1 cannot hold unsigned"):
+        load_quantized(path)
 
 
 @pytest.mark.parametrize(
