@@ -424,8 +424,8 @@ def evaluate(
     flow : name -> {"flow": held-out loss at w = 1, "guided": the distilled objective averaged
         over w in GUIDANCE_EVAL (guidance-embedding models; else None)}
     breakdown : name -> {"w=1", "w=3.5", "w=7", "w=14": the held-out loss at each scale of
-        GUIDANCE_EVAL alone (guidance-embedding models only; "w=1" is computed apart from
-        ``flow``'s and must equal it), "empty": held-out loss at w = 1 with the empty caption,
+        GUIDANCE_EVAL alone (guidance-embedding models only; "w=1" is ``flow``'s, from the same
+        pass), "empty": held-out loss at w = 1 with the empty caption,
         "train": loss at w = 1 on training images}
 
     ``flow`` and ``breakdown`` start with ``base``: the base model on the base latents of the
@@ -466,18 +466,15 @@ def _evaluate(ctx, runs, reconcile_mode, sigma, text, empty, latents):
     def losses(model, z):
         """(flow entry, breakdown entry) of ``model`` on ``z``: {"held", "train"} latents."""
         held, p = z["held"], fam.latent_patch_size(model, z["held"].shape[1])
-        flow = {"flow": heldout_flow_loss(model, held, text["held"], p), "guided": None}
-        detail = {}
-        if fam.has_guidance(model):
-            # one pass gives every scale and, as its unconditional term, the empty caption
-            res = heldout_flow_losses(
-                model, held, text["held"], p, empty=empty, guidance=GUIDANCE_EVAL
-            )
-            flow["guided"] = res["mean"]
-            detail = {w_key(w): loss for w, loss in res["per_w"].items()}
-            detail["empty"] = res["empty"]
-        else:
-            detail["empty"] = heldout_flow_loss(model, held, empty.expand(held.shape[0]), p)
+        guided = fam.has_guidance(model)
+        # one pass over the held-out images gives w = 1, every other scale and the empty caption
+        # (for guided models the guided objective's unconditional term)
+        res = heldout_flow_losses(
+            model, held, text["held"], p, empty=empty, guidance=GUIDANCE_EVAL if guided else (1.0,)
+        )
+        flow = {"flow": res["per_w"][1.0], "guided": res["mean"] if guided else None}
+        detail = {w_key(w): loss for w, loss in res["per_w"].items()} if guided else {}
+        detail["empty"] = res["empty"]
         detail["train"] = heldout_flow_loss(model, z["train"], text["train"], p)
         return flow, detail
 

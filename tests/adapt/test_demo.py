@@ -66,7 +66,8 @@ def test_demo_acceptance(tmp_path, capsys):
     for name, r in detail.items():
         assert list(r) == ["model", *scales, "empty", "train"]
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in r if k != "model"), r
-        # w = 1 is evaluated apart from the first table's column, on the same noise and sigmas
+        # the report's two tables carry the one held-out pass's w = 1 loss in the same place
+        # (that this pass's w = 1 equals a plain w = 1 evaluation: tests/adapt/test_flow.py)
         assert r["w=1"] == flow[name]["flow"]
         assert sum(r[k] for k in scales) / 4 == pytest.approx(flow[name]["guided"], rel=1e-9)
     assert detail["stage1"] == {**detail["surgery"], "model": "stage1"}  # zero head, v = 0
