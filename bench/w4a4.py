@@ -1,12 +1,13 @@
 """Turn a FLUX / SANA transformer into its W4A4 (SVDQuant) form for benchmarking.
 
-Which layers become 4-bit follows SVDQuant's recipe (REFERENCE.md section 2): every Linear (and
-SANA's 1x1 convolutions) inside the transformer blocks becomes an :class:`SVDQLinear` (4-bit
-weights and activations, rank-32 16-bit low-rank branch); AdaLayerNorm modulation linears
-(``norm1.linear``, ``norm1_context.linear``, ``norm.linear``) become :class:`W4A16Linear`
-(4-bit weights, 16-bit activations); embedders, the final norm and projection, norms and the
-attention math stay 16-bit. A layer whose input width is not a multiple of the format's group
-size stays 16-bit (SANA's GLUMBConv ``conv_point`` has K = 5600, not a multiple of 64).
+Which layers become 4-bit is the quantizer's plan (``ModelFamily.plan_block`` with the default
+QuantConfig, SVDQuant's recipe, REFERENCE.md section 2): every Linear (and SANA's 1x1
+convolutions) inside the transformer blocks becomes an :class:`SVDQLinear` (4-bit weights and
+activations, rank-32 16-bit low-rank branch); AdaLayerNorm modulation linears (``norm1.linear``,
+``norm1_context.linear``, ``norm.linear``) become :class:`W4A16Linear` (4-bit weights, 16-bit
+activations); embedders, the final norm and projection, norms and the attention math stay
+16-bit. A layer whose input width is not a multiple of the format's group size stays 16-bit
+(SANA's GLUMBConv ``conv_point`` has K = 5600, not a multiple of 64).
 
 The weights are for timing only: on the meta device nothing is allocated; on a real device every
 4-bit layer gets a *valid* random quantized weight (a random normal weight quantized by
@@ -14,9 +15,8 @@ The weights are for timing only: on the meta device nothing is allocated; on a r
 realistic codes and scales. This is not a calibrated model (use ``dcgen_quant.quantize`` for
 that).
 
-INT4 FLUX layers that read a GELU output get unsigned activation codes, and the single blocks'
-``proj_out`` becomes a two-part :class:`SVDQSplitLinear`, as the quantizer's plan for the model
-decides (``ModelFamily.plan_block`` with the default QuantConfig).
+Following the same plan, INT4 FLUX layers that read a GELU output get unsigned activation codes,
+and the single blocks' ``proj_out`` becomes a two-part :class:`SVDQSplitLinear`.
 
 By default each FLUX attention's q/k/v (and added q/k/v) then run as one fused layer
 (:func:`dcgen_quant.fusion.fuse_projections`), as a checkpoint loaded with ``fuse=True`` runs,
@@ -31,22 +31,13 @@ import math
 import torch
 from torch import nn
 
-from dcgen_quant.formats import get_format, quantize_weight
-from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
+from dcgen_quant.formats import quantize_weight
+from dcgen_quant.models.base import PlannedGroup, family_for
+from dcgen_quant.nn import SVDQLinear, SVDQSplitLinear
+from dcgen_quant.quantize.config import QuantConfig
+from dcgen_quant.quantize.layer import make_module, make_split_module
 
-__all__ = ["convert_to_w4a4", "share_group_inputs_", "BLOCK_PREFIXES", "MODULATION_SUFFIXES"]
-
-BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
-MODULATION_SUFFIXES = ("norm1.linear", "norm1_context.linear", "norm.linear")
-
-
-def _is_pointwise(conv: nn.Conv2d) -> bool:
-    return (
-        conv.kernel_size == (1, 1)
-        and conv.stride == (1, 1)
-        and conv.padding in ((0, 0), "valid")
-        and conv.groups == 1
-    )
+__all__ = ["convert_to_w4a4", "share_group_inputs_"]
 
 
 def _set_random_(layer, weight_shape, generator) -> None:
@@ -92,69 +83,46 @@ def convert_to_w4a4(
     Returns
     -------
     counts : ``{"w4a4": n, "w4a16": n, "kept": n, "unsigned": n, "split": n,
-        "fused_attentions": n}`` (unsigned and split layers are among the w4a4 ones)
+        "fused_attentions": n}``; "kept": block layers the plan keeps in 16 bits; unsigned and
+        split layers are among the w4a4 ones
     """
-    from dcgen_quant.quantize.layer import make_split_module
-
-    group = get_format(fmt).group_size
+    family = family_for(model)
+    config = QuantConfig(format=fmt, rank=rank, skip_incompatible=True)
     counts = {"w4a4": 0, "w4a16": 0, "kept": 0, "unsigned": 0, "split": 0}
-    unsigned, splits = _gelu_plan(model, fmt)
     generator = None
-    targets = []
-    for name, module in model.named_modules():
-        if not name.startswith(BLOCK_PREFIXES):
-            continue
-        if isinstance(module, nn.Linear):
-            targets.append((name, module, module.in_features, module.out_features, False))
-        elif isinstance(module, nn.Conv2d) and _is_pointwise(module):
-            targets.append((name, module, module.in_channels, module.out_channels, True))
-    for name, module, k, n, conv in targets:
-        if k % group:
-            counts["kept"] += 1
-            continue
-        weight_only = name.endswith(MODULATION_SUFFIXES)
-        dev, dtype = module.weight.device, module.weight.dtype
-        bias = module.bias is not None
-        if weight_only:
-            cls = W4A16Conv1x1 if conv else W4A16Linear
-            layer = cls(k, n, fmt=fmt, bias=bias, dtype=dtype, device=dev)
-        elif name in splits:
-            layer = make_split_module(k, n, splits[name], rank, bias, fmt, dtype, dev)
-            counts["split"] += 1
-        else:
-            cls = SVDQConv1x1 if conv else SVDQLinear
-            u = name in unsigned  # an unsigned layer's bias holds the shift: always present
-            layer = cls(k, n, rank=rank, fmt=fmt, bias=bias or u, dtype=dtype, device=dev,
-                        act_unsigned=u)  # fmt: skip
-            counts["unsigned"] += u
-        if dev.type != "meta":
-            if generator is None:
-                generator = torch.Generator(device=dev).manual_seed(seed)
-            for part in layer.parts if isinstance(layer, SVDQSplitLinear) else [layer]:
-                _set_random_(part, (n, part.in_features), generator)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-        counts["w4a16" if weight_only else "w4a4"] += 1
+    for block_name, block in family.blocks(model):
+        plan = family.plan_block(block_name, block, config)
+        counts["kept"] += len(plan.skipped)
+        for group in plan.groups:
+            for name in group.names:
+                module = model.get_submodule(name)
+                layer = _empty_layer(module, group, rank, fmt)
+                if module.weight.device.type != "meta":
+                    if generator is None:
+                        generator = torch.Generator(module.weight.device).manual_seed(seed)
+                    for part in layer.parts if isinstance(layer, SVDQSplitLinear) else [layer]:
+                        _set_random_(part, (part.out_features, part.in_features), generator)
+                model.set_submodule(name, layer)
+                counts[group.kind] += 1
+                counts["split"] += group.split_at is not None
+                counts["unsigned"] += group.act_unsigned
     counts["fused_attentions"] = _fuse(model) if fuse else 0
     return counts
 
 
-def _gelu_plan(model: nn.Module, fmt: str) -> tuple[set[str], dict[str, int]]:
-    """(linears with unsigned activations, {linear: split position}) as the quantizer plans
-    them for ``model`` in ``fmt`` with the default QuantConfig (none for NVFP4 or SANA)."""
-    from dcgen_quant.models.base import family_for
-    from dcgen_quant.quantize.config import QuantConfig
-
-    family = family_for(model)
-    config = QuantConfig(format=fmt, skip_incompatible=True)
-    unsigned, splits = set(), {}
-    for block_name, block in family.blocks(model):
-        for group in family.plan_block(block_name, block, config).groups:
-            if group.act_unsigned:
-                unsigned.update(group.names)
-            if group.split_at is not None:
-                splits[group.names[0]] = group.split_at
-    return unsigned, splits
+def _empty_layer(module: nn.Module, group: PlannedGroup, rank: int, fmt: str) -> nn.Module:
+    """The 4-bit layer that the plan's ``group`` makes of ``module`` (a Linear or 1x1 conv), as
+    the quantizer builds it (an unsigned layer's bias holds the shift: always present)."""
+    conv = isinstance(module, nn.Conv2d)
+    if conv:
+        k, n = module.in_channels, module.out_channels
+    else:
+        k, n = module.in_features, module.out_features
+    dev, dtype, bias = module.weight.device, module.weight.dtype, module.bias is not None
+    if group.split_at is not None:
+        return make_split_module(k, n, group.split_at, rank, bias, fmt, dtype, dev)
+    unsigned = group.act_unsigned
+    return make_module(group.kind, conv, k, n, rank, bias or unsigned, fmt, dtype, dev, unsigned)
 
 
 @torch.no_grad()
