@@ -35,7 +35,7 @@ FORMAT_NAME = "dcgen_quant"
 # checkpoint is written with the lowest version that holds it, so that readers of version 1 (which
 # would ignore "act_unsigned" and compute wrong outputs) refuse only the files they cannot run.
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
 INDEX_NAME = "dcgen_quant.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -480,7 +480,7 @@ def _install_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
             kwargs["rank"] = int(info["rank"])
         if "act_unsigned" in info:
             unsigned = info["act_unsigned"]
-            if not info["kind"].startswith("svdq") or unsigned not in (True, False):
+            if not info["kind"].startswith("svdq") or not isinstance(unsigned, bool):
                 raise CheckpointError(
                     f"metadata 'layers' entry {name!r}: act_unsigned={unsigned!r} needs a W4A4 "
                     "(svdq) layer and a boolean"

@@ -27,6 +27,11 @@ INT4_GROUP_SIZE = 64
 UNSIGNED_ACT_SHIFT = 0.171875  # 11/64, exact in every float type; >= -min GELU = 0.16997
 
 
+def int4_code_range(unsigned: bool = False) -> tuple[float, float]:
+    """(lowest, highest) INT4 code: (-8, 7) signed, (0, 15) unsigned; scale = amax / highest."""
+    return (0.0, 15.0) if unsigned else (-8.0, 7.0)
+
+
 def quantize_int4(
     x: torch.Tensor,
     group_size: int = INT4_GROUP_SIZE,
@@ -54,7 +59,7 @@ def quantize_int4(
     """
     groups = split_groups(x, group_size, "x", check_finite)
     scale_dtype = scale_dtype or x.dtype
-    qmax, qmin = (15.0, 0.0) if unsigned else (7.0, -8.0)
+    qmin, qmax = int4_code_range(unsigned)
     amax = groups.abs().amax(dim=-1)
     scales = (amax / qmax).to(scale_dtype)
     divisor = scales.float()

@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 
 from ..formats import check_unsigned, get_format
+from ..formats.int4 import int4_code_range
 from ..formats.nvfp4 import E2M1_MAX, E2M1_VALUES, e2m1_magnitude_code, nvfp4_tensor_scale, to_e4m3
 
 
 def _int4(
     x: torch.Tensor, group: int, scale_dtype: torch.dtype, unsigned: bool = False
 ) -> torch.Tensor:
-    qmax, qmin = (15.0, 0.0) if unsigned else (7.0, -8.0)
+    qmin, qmax = int4_code_range(unsigned)
     g = x.float().reshape(*x.shape[:-1], x.shape[-1] // group, group)
     scales = (g.abs().amax(dim=-1, keepdim=True) / qmax).to(scale_dtype).float()
     divisor = torch.where(scales == 0, torch.ones_like(scales), scales)
