@@ -71,13 +71,12 @@ def _gemm_w4a4_int4_kernel(
     for g in range(0, n_groups):
         a = tl.load(a_ptrs)
         w = tl.load(w_ptrs)
-        if ACT_UNSIGNED:
-            # codes 0..15 (valid int8): still an s8 x s8 dot
-            part = tl.dot(uint4_low(a), int4_low(w), out_dtype=tl.int32)
-            part = tl.dot(uint4_high(a), int4_high(w), part, out_dtype=tl.int32)
+        if ACT_UNSIGNED:  # codes 0..15 (valid int8): still an s8 x s8 dot
+            a_lo, a_hi = uint4_low(a), uint4_high(a)
         else:
-            part = tl.dot(int4_low(a), int4_low(w), out_dtype=tl.int32)
-            part = tl.dot(int4_high(a), int4_high(w), part, out_dtype=tl.int32)
+            a_lo, a_hi = int4_low(a), int4_high(a)
+        part = tl.dot(a_lo, int4_low(w), out_dtype=tl.int32)
+        part = tl.dot(a_hi, int4_high(w), part, out_dtype=tl.int32)
         sa = to_f32(tl.load(sa_ptrs + g), INTERPRET)
         sw = to_f32(tl.load(sw_ptrs + g * N), INTERPRET)
         # |part| <= 64 * 8 * 8 = 4096 (signed codes) or 64 * 15 * 8 = 7680 (unsigned activation
