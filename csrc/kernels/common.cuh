@@ -53,25 +53,25 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // A m16n8k32 8-bit: a0 row g, k 4t..4t+3; a1 row g+8; a2, a3 at k + 16. B: b0 k 4t..4t+3, b1 +16.
 // A m16n8k16 16-bit: a0 row g, k 2t, 2t+1; a1 row g+8; a2, a3 at k + 8. B: b0 k 2t, 2t+1; b1 +8.
 
+// One integer mma.sync m16n8 (4 A, 2 B and 4 C/D 32-bit registers); SHAPE_TYPES, a string
+// literal, names its shape and operand types after "mma.sync.aligned.".
+#define DCGQ_MMA_I32(SHAPE_TYPES, d, a0, a1, a2, a3, b0, b1, c)                              \
+  asm volatile("mma.sync.aligned." SHAPE_TYPES                                               \
+               " {%0, %1, %2, %3}, {%4, %5, %6, %7}, "                                       \
+               "{%8, %9}, {%10, %11, %12, %13};\n"                                           \
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])                              \
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(c[0]), "r"(c[1]), \
+                 "r"(c[2]), "r"(c[3]))
+
 // mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 (IMMA.16864.S4.S4 on sm_80..89); with
 // kUnsignedA the A operand (activations) is unsigned: .u4.s4 (IMMA.16864.U4.S4).
 template <bool kUnsignedA>
 __device__ __forceinline__ void mma_s4(int (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                        uint32_t b1, const int (&c)[4]) {
   if constexpr (kUnsignedA) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%10, %11, %12, %13};\n"
-        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(c[0]), "r"(c[1]),
-          "r"(c[2]), "r"(c[3]));
+    DCGQ_MMA_I32("m16n8k64.row.col.s32.u4.s4.s32", d, a[0], a[1], a[2], a[3], b0, b1, c);
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%10, %11, %12, %13};\n"
-        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(c[0]), "r"(c[1]),
-          "r"(c[2]), "r"(c[3]));
+    DCGQ_MMA_I32("m16n8k64.row.col.s32.s4.s4.s32", d, a[0], a[1], a[2], a[3], b0, b1, c);
   }
 }
 
@@ -81,21 +81,12 @@ template <bool kUnsignedA>
 __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                        uint32_t a3, uint32_t b0, uint32_t b1, const int (&c)[4]) {
   if constexpr (kUnsignedA) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%10, %11, %12, %13};\n"
-        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(c[0]), "r"(c[1]), "r"(c[2]),
-          "r"(c[3]));
+    DCGQ_MMA_I32("m16n8k32.row.col.s32.u8.s8.s32", d, a0, a1, a2, a3, b0, b1, c);
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%10, %11, %12, %13};\n"
-        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(c[0]), "r"(c[1]), "r"(c[2]),
-          "r"(c[3]));
+    DCGQ_MMA_I32("m16n8k32.row.col.s32.s8.s8.s32", d, a0, a1, a2, a3, b0, b1, c);
   }
 }
+#undef DCGQ_MMA_I32
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (HMMA.16816.F32[.BF16])
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
