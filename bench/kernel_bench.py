@@ -341,6 +341,7 @@ def case_unsigned(m, n, k, backends, device, quick, env) -> list[dict]:
             times[unsigned] = median_ms(lambda lay=layer: lay(x), device, quick)
         rows.append(_row("svdq_linear int4 unsigned", name, shape, times[True],
                          base=("signed codes", times[False]), env=env, max_rel_err=errs[True],
+                         signed_max_rel_err=errs[False],
                          note=f"error {errs[True]:.4f} vs {errs[False]:.4f} signed"))  # fmt: skip
     return rows
 
