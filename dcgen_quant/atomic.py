@@ -11,23 +11,68 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+class TargetExistsError(FileExistsError):
+    """The output path holds something that the write would destroy and that it did not make."""
+
+
+def check_target(
+    target: str | os.PathLike,
+    directory: bool = False,
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Refuse an output path whose current content a write would destroy.
+
+    Parameters
+    ----------
+    target : the file (or, with ``directory=True``, the directory) about to be written
+    directory : whether the write produces a directory
+    replaceable : for a directory target that already exists: whether this directory is one the
+        writer made earlier (and may therefore replace as a whole); ``None`` refuses any
+        existing directory
+
+    Raises TargetExistsError naming the path when the write would replace a directory with a file,
+    a file with a directory, or a directory that ``replaceable`` does not recognize.
+    """
+    target = Path(target)
+    if directory:
+        if target.exists() and not target.is_dir():
+            raise TargetExistsError(
+                f"{target} exists and is not a directory; refusing to replace it"
+            )
+        if target.is_dir() and any(target.iterdir()) and not (replaceable and replaceable(target)):
+            raise TargetExistsError(
+                f"{target} is an existing directory that this command did not write; refusing "
+                "to replace its contents (choose a new path)"
+            )
+    elif target.is_dir():
+        raise TargetExistsError(f"{target} is a directory; expected a file path")
+    return target
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
+def atomic_path(
+    target: str | os.PathLike,
+    directory: bool = False,
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success move it onto ``target``.
 
     Parameters
     ----------
     target : path of the file (or directory, with ``directory=True``) to produce
     directory : yield an empty temporary directory instead of a file path
+    replaceable : see :func:`check_target`; an existing non-empty directory target is replaced
+        as a whole only when this recognizes it as the writer's own output
 
     The caller writes the temporary path completely; if the block raises, it is deleted.
-    An existing directory target is replaced as a whole.
+    The target is checked (:func:`check_target`) before anything is written and again before the
+    rename.
     """
-    target = Path(target)
+    target = check_target(target, directory, replaceable)
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.tmp-"
     if directory:
@@ -42,6 +87,7 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
         if not directory:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+        check_target(target, directory, replaceable)  # it may have appeared meanwhile
         if directory and target.is_dir():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -14,6 +14,7 @@ quantized layer's tensors, and the checksums, and fails with a message naming th
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import zlib
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_path, atomic_write_text
+from .atomic import TargetExistsError, atomic_path, atomic_write_text, check_target
 from .formats import get_format
 from .nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
 
@@ -234,6 +235,7 @@ def save_quantized(
     path = Path(path)
     shards = _shards(tensors, max_shard_bytes)
     if path.suffix == ".safetensors" and len(shards) == 1:
+        check_output(path)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
         return path
@@ -242,7 +244,8 @@ def save_quantized(
             f"the model needs {len(shards)} shards of at most {max_shard_bytes} bytes; give a "
             f"directory path instead of {str(path)!r}"
         )
-    with atomic_path(path, directory=True) as tmp:
+    check_output(path, directory=True)
+    with atomic_path(path, directory=True, replaceable=_is_checkpoint_dir) as tmp:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -250,6 +253,39 @@ def save_quantized(
             weight_map.update(dict.fromkeys(shard, name))
         index = {"metadata": metadata, "weight_map": weight_map}
         atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=1))
+    return path
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` holds only a sharded checkpoint (index + shards), so it may be replaced."""
+    names = [p.name for p in path.iterdir()]
+    return INDEX_NAME in names and all(
+        n == INDEX_NAME or fnmatch.fnmatch(n, "model-*-of-*.safetensors") for n in names
+    )
+
+
+def check_output(path: str | Path, directory: bool | None = None) -> Path:
+    """Refuse a checkpoint output path whose current content writing would destroy.
+
+    ``path`` may be new, an existing checkpoint file (overwritten), or an existing sharded
+    checkpoint directory holding nothing else (replaced). An existing directory with other
+    content, a directory where a file is due (or the reverse), or a ``.safetensors`` file that is
+    not a dcgen_quant checkpoint (say, the model's own weights) raises TargetExistsError.
+    ``directory`` defaults to "not a .safetensors path", as :func:`save_quantized` decides.
+    """
+    path = Path(path)
+    if directory is None:
+        directory = path.suffix != ".safetensors"
+    check_target(path, directory, replaceable=_is_checkpoint_dir)
+    if not directory and path.is_file():
+        try:
+            foreign = (_open(path).metadata() or {}).get("format") != FORMAT_NAME
+        except CheckpointError:
+            foreign = True
+        if foreign:
+            raise TargetExistsError(
+                f"{path} exists and is not a dcgen_quant checkpoint; refusing to overwrite it"
+            )
     return path
 
 

@@ -22,7 +22,15 @@ COMMANDS = {
 }
 
 # Exceptions that mean "bad input", reported as a one-line error.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError, RuntimeError)
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    KeyError,
+    RuntimeError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ Initialization (documented choice)
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 from pathlib import Path
 
@@ -132,11 +133,20 @@ def save_adapted(model: nn.Module, path: str | Path, meta: dict | None = None) -
     latent patch size, autoencoder, reconciliation, stages done). ``from_pretrained`` ignores it.
     """
     path = Path(path)
-    with atomic_path(path, directory=True) as tmp:
+    with atomic_path(path, directory=True, replaceable=_is_saved_model_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if meta is not None:
             (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _is_saved_model_dir(path: Path) -> bool:
+    """Whether ``path`` holds only what :func:`save_adapted` writes (so it may be replaced)."""
+    allowed = ("config.json", SIDECAR, "diffusion_pytorch_model*.safetensors", "*.index.json")
+    names = [p.name for p in path.iterdir()]
+    return "config.json" in names and all(
+        any(fnmatch.fnmatch(n, pattern) for pattern in allowed) for n in names
+    )
 
 
 def load_adapted(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:

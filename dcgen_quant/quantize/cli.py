@@ -123,10 +123,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..checkpoint import save_quantized
+    from ..checkpoint import check_output, save_quantized
     from ..inspect_cli import summarize
     from ..tables import emit
     from . import QuantConfig, quantize_model
+    from .state import RunState
 
     if args.calib_samples < 1 or args.steps < 1:
         raise ValueError("--calib-samples and --steps must be >= 1")
@@ -147,10 +148,13 @@ def run(args: argparse.Namespace) -> int:
     if args.prompts is not None and not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file not found: {args.prompts}")
     start = time.perf_counter()
+    if args.out is not None:
+        check_output(args.out)  # before any work: never destroy what the user has there
     model, pipe, name = _load_model(args.model, dtype, args.device)
-    out = args.out or Path(f"{name}-{config.format}-r{config.rank}.safetensors")
+    out = check_output(args.out or Path(f"{name}-{config.format}-r{config.rank}.safetensors"))
     state_dir = out.with_name(out.name + ".partial")
     if state_dir.exists() and not args.resume:
+        RunState.check_owned(state_dir)  # only a state directory of ours is wiped
         shutil.rmtree(state_dir)  # a fresh run starts over
     calib = _calibration(model, pipe, args)
     report = quantize_model(model, calib, config, progress=True, state_dir=state_dir)

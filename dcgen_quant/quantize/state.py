@@ -81,6 +81,16 @@ def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+def _is_state_file(name: str) -> bool:
+    """Whether a file name is one a run writes into its state directory (temporaries included)."""
+    return (
+        name == "progress.json"
+        or fnmatch.fnmatch(name, ".*.tmp-*")
+        or fnmatch.fnmatch(name, "block-*.safetensors")
+        or fnmatch.fnmatch(name, "inputs-*.pt")
+    )
+
+
 class RunState:
     """Reads and writes the progress of one quantization run in ``state_dir``."""
 
@@ -92,6 +102,21 @@ class RunState:
     def progress_path(self) -> Path:
         return self.dir / "progress.json"
 
+    @staticmethod
+    def check_owned(state_dir: str | Path) -> None:
+        """Raise TargetExistsError unless ``state_dir`` holds only files a run writes there."""
+        from ..atomic import TargetExistsError
+
+        path = Path(state_dir)
+        if not path.is_dir():
+            raise TargetExistsError(f"{path} exists and is not a quantization state directory")
+        foreign = [p.name for p in path.iterdir() if not _is_state_file(p.name)]
+        if foreign:
+            raise TargetExistsError(
+                f"{path} holds files that are not a quantization run's state "
+                f"({', '.join(sorted(foreign)[:3])}); refusing to delete it"
+            )
+
     def load(self) -> dict[str, Any] | None:
         """The saved progress, None for a new run; ValueError if it belongs to another run."""
         if not self.progress_path.exists():
@@ -100,11 +125,7 @@ class RunState:
             foreign = [
                 p.name
                 for p in (self.dir.iterdir() if self.dir.is_dir() else [])
-                if not (
-                    p.name.startswith(".")
-                    or fnmatch.fnmatch(p.name, "block-*.safetensors")
-                    or fnmatch.fnmatch(p.name, "inputs-*.pt")
-                )
+                if not _is_state_file(p.name)
             ]
             if foreign:
                 raise ValueError(
