@@ -1,0 +1,1 @@
+"""Nunchaku's SVDQuant checkpoint format (FLUX.1): family-A key names, GPU-tile packing."""
