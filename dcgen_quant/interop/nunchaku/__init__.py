@@ -1,1 +1,2 @@
-"""Nunchaku's SVDQuant checkpoint format (FLUX.1): family-A key names, GPU-tile packing."""
+"""Nunchaku's SVDQuant checkpoint format (NUNCHAKU_FORMAT.md): the GPU-tile packings
+(:mod:`.packing`), the exporter and the importer."""
