@@ -73,7 +73,14 @@ def _load(path: Path, required: bool) -> dict:
         return {}
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+    except (
+        RuntimeError,
+        OSError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        EOFError,
+        ValueError,
+    ) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ForeignFormatError(
             f"{path} cannot be read (truncated or not a torch file): {message}"

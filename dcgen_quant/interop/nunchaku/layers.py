@@ -78,7 +78,8 @@ class W4A4:
             chunk = self.wcscales[start : start + n]
             if not bool((chunk == chunk[0]).all()):
                 raise ForeignFormatError(
-                    f"{self.name}.wcscales varies within output rows {start}..{start + n - 1}: a "
+                    f"tensor {self.name + '.wcscales'!r} varies within output rows "
+                    f"{start}..{start + n - 1}: a "
                     "per-channel weight scale that is not constant per q/k/v member cannot be "
                     "imported exactly (not supported yet)"
                 )

@@ -202,21 +202,25 @@ class NunchakuSource:
             raise ForeignFormatError(f"tensor {key!r} holds NaN or Inf values")
         return t
 
-    def _rank(self, prefix: str, kp: int, np_: int) -> int:
-        down, up = self.info(f"{prefix}.lora_down"), self.info(f"{prefix}.lora_up")
-        for key, info in ((f"{prefix}.lora_down", down), (f"{prefix}.lora_up", up)):
+    def _rank(self, prefix: str) -> int:
+        """The stored rank (columns of lora_down and lora_up; a multiple of 16)."""
+        shapes = {}
+        for part in ("lora_down", "lora_up"):
+            key, info = f"{prefix}.{part}", self.info(f"{prefix}.{part}")
             if info is None:
                 raise ForeignFormatError(
                     f"{self.path}: tensor {key!r} (low-rank branch) is missing"
                 )
             if len(info.shape) != 2:
                 raise ForeignFormatError(f"tensor {key!r} must be 2-D, got {list(info.shape)}")
-        r = down.shape[1]
-        if r % packing.RANK_TILE or up.shape[1] != r:
+            shapes[key] = info.shape[1]
+        (down, r), (up, r_up) = shapes.items()
+        if r % packing.RANK_TILE:
             raise ForeignFormatError(
-                f"tensors {prefix}.lora_down / lora_up have ranks {r} / {up.shape[1]}: expected "
-                f"one rank, a multiple of {packing.RANK_TILE}"
+                f"tensor {down!r} has rank {r}, not a multiple of {packing.RANK_TILE}"
             )
+        if r_up != r:
+            raise ForeignFormatError(f"tensor {up!r} has rank {r_up}, {down!r} has {r}")
         return r
 
     def w4a4(self, block: str, spec: flux.W4A4Spec, n: int, k: int, light: bool = False) -> W4A4:
@@ -225,7 +229,7 @@ class NunchakuSource:
         p = f"{block}.{spec.name}"
         np_, kp = packing.padded(n, packing.TILE_N), packing.padded(k, packing.TILE_K)
         dt = (packing_name(self.dtype),)
-        r = self._rank(p, kp, np_)
+        r = self._rank(p)
         qweight = wscales = wtscale = wcscales = None
         if not light:
             q = self._get(f"{p}.qweight", (np_, kp // 2), ("I8", "U8"), "packed 4-bit weight")
