@@ -35,7 +35,12 @@ class _Dicts:
         self.t = load_file(str(path))
         meta = read_metadata(path)
         self.layers, self.config = meta["layers"], meta["model"]["config"]
-        self.model, self.scale, self.smooth, self.branch = {}, {}, {"proj.fuse_when_possible": False}, {}
+        self.model, self.scale, self.smooth, self.branch = (
+            {},
+            {},
+            {"proj.fuse_when_possible": False},
+            {},
+        )
         self.used: set[str] = set()
 
     def get(self, key):

@@ -10,6 +10,7 @@ built whose activation quantization is exact (the import-semantics test).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -227,3 +228,37 @@ class Known:
                 json.dumps({"_class_name": "FluxTransformer2DModel", **self.config})
             )
         return folder
+
+
+# --------------------------------------------------------------------------------------------
+# shared across test modules (one build per process; conftest-free so that the interop test
+# files of both engineers stay independent)
+
+_TMP: Path | None = None
+
+
+def _tmpdir() -> Path:
+    global _TMP
+    if _TMP is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _TMP = Path(tempfile.mkdtemp(prefix="dcgq-interop-"))
+        atexit.register(shutil.rmtree, _TMP, True)
+    return _TMP
+
+
+@functools.lru_cache(maxsize=None)
+def small_known(fmt: str) -> Known:
+    """One double + one single block, rank 16, power-of-two smoothing, fused out_proj smoothing
+    (``proj.fuse_when_possible``) so that both smoothing conventions occur."""
+    torch.set_num_threads(1)
+    return Known(fmt=fmt, rank=16, seed=3, exact_smooth=True, fuse_proj=True,
+                 num_layers=1, num_single_layers=1)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=None)
+def small_nunchaku_file(fmt: str) -> Path:
+    """The oracle's v1.0 single file of :func:`small_known` (do not modify it)."""
+    return small_known(fmt).save_nunchaku(_tmpdir() / f"oracle-{fmt}.safetensors")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from dcgen_quant.checkpoint import CheckpointError
 from dcgen_quant.interop.nunchaku import packing
 from dcgen_quant.interop.nunchaku.importer import convert_to_dcgen_quant, load_foreign
 
-from .helpers import Known
+from .helpers import small_known
 
 pytest.importorskip("deepcompressor.backend.nunchaku.convert")
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
@@ -23,10 +24,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserW
 @pytest.fixture(scope="module")
 def oracle():
     """(block tensors, top-level tensors, metadata) of an oracle-made INT4 and NVFP4 file."""
-    torch.set_num_threads(1)
     out = {}
     for fmt in ("int4", "nvfp4"):
-        kn = Known(fmt=fmt, rank=16, seed=5, num_layers=1, num_single_layers=1)
+        kn = small_known(fmt)
         blocks, other = kn.oracle()
         meta = {"config": json.dumps(kn.config), "model_class": "NunchakuFluxTransformer2dModel"}
         out[fmt] = ({k: v.contiguous() for k, v in blocks.items()}, other, meta)
@@ -193,11 +193,15 @@ def test_nvfp4_wcscales_not_constant_per_member(oracle, tmp_path):
 
 
 def test_deepcompressor_folder_errors(tmp_path):
-    kn = Known(fmt="int4", rank=16, seed=2, num_layers=1, num_single_layers=1)
+    import shutil
+
+    kn = small_known("int4")
     folder = kn.save_deepcompressor(tmp_path / "dc")
     assert load_foreign(folder, config=kn.config) is not None
-    del kn.scale["transformer_blocks.0.attn.to_k.weight.scale.0"]
-    bad = kn.save_deepcompressor(tmp_path / "dc2")
+    bad = Path(shutil.copytree(folder, tmp_path / "dc2"))
+    scales = torch.load(bad / "scale.pt", weights_only=True)
+    del scales["transformer_blocks.0.attn.to_k.weight.scale.0"]
+    torch.save(scales, bad / "scale.pt")
     with pytest.raises(CheckpointError, match="'transformer_blocks.0.attn.to_k.weight.scale.0'"):
         load_foreign(bad, config=kn.config)
     (bad / "model.pt").write_bytes((folder / "model.pt").read_bytes()[:5000])

@@ -11,7 +11,7 @@ import torch
 
 from dcgen_quant.interop.nunchaku.importer import load_foreign
 
-from .helpers import SHIFT, Known
+from .helpers import SHIFT, small_known, small_nunchaku_file
 from .semantics import check_close, dense, exact_inputs
 
 pytest.importorskip("deepcompressor.backend.nunchaku.convert")
@@ -53,18 +53,14 @@ def _single_layers(p: str, int4_shift: bool, fuse_proj: bool):
 
 
 @pytest.fixture(scope="module", params=["int4", "nvfp4"])
-def imported(request, tmp_path_factory):
+def imported(request):
     torch.set_num_threads(1)
-    fmt = request.param
-    kn = Known(fmt=fmt, rank=16, seed=3, exact_smooth=True, fuse_proj=True,
-               num_layers=1, num_single_layers=1)  # fmt: skip
-    folder = tmp_path_factory.mktemp(f"sem-{fmt}")
-    model = load_foreign(kn.save_nunchaku(folder / "n.safetensors"))
-    return kn, model, folder
+    kn = small_known(request.param)
+    return kn, load_foreign(small_nunchaku_file(request.param))
 
 
 def test_w4a4_layers_match_float64_reconstruction(imported):
-    kn, model, _ = imported
+    kn, model = imported
     g = torch.Generator().manual_seed(0)
     shift = kn.fmt == "int4"
     checked = 0
@@ -85,7 +81,7 @@ def test_w4a4_layers_match_float64_reconstruction(imported):
 def test_adaln_layers_match_float64_reconstruction(imported):
     """AWQ codes with zero point 7 -> w = (q - 7) s; the stored bias carries +1 on the scale
     chunks (rounded to 16 bits), which our layer leaves to diffusers' ``1 + scale``."""
-    kn, model, _ = imported
+    kn, model = imported
     g = torch.Generator().manual_seed(1)
     for m, chunks in (("transformer_blocks.0.norm1.linear", 6),
                       ("transformer_blocks.0.norm1_context.linear", 6),
@@ -107,7 +103,7 @@ def test_adaln_layers_match_float64_reconstruction(imported):
 
 
 def test_deepcompressor_folder_and_legacy_folder_import_identically(imported, tmp_path):
-    kn, model, folder = imported
+    kn, model = imported
     ours = model.state_dict()
     for path, config in ((kn.save_deepcompressor(tmp_path / "dc"), kn.config),
                          (kn.save_legacy(tmp_path / "legacy"), None)):  # fmt: skip
@@ -120,7 +116,7 @@ def test_deepcompressor_folder_and_legacy_folder_import_identically(imported, tm
 
 
 def test_unsigned_gelu_layers_and_shift(imported):
-    kn, model, _ = imported
+    kn, model = imported
     fc2 = model.get_submodule("transformer_blocks.0.ff.net.2")
     part = model.get_submodule("single_transformer_blocks.0.proj_out.parts.1")
     assert fc2.act_unsigned == part.act_unsigned == (kn.fmt == "int4")
