@@ -34,7 +34,8 @@ SINGLE_LINEARS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 DOUBLE_SMOOTH = ("attn.to_q", "attn.add_k_proj", "attn.to_out.0", "ff.net.0.proj",
                  "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # fmt: skip
 DOUBLE_BRANCH = ("attn.to_q", "attn.add_k_proj", "attn.to_out.0", "attn.to_add_out",
-                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # fmt: skip
+                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                 "ff_context.net.2")  # fmt: skip
 
 
 def _positive(shape, g, lo=-7.0, hi=-3.0, pow2=False):
@@ -249,7 +250,7 @@ def _tmpdir() -> Path:
     return _TMP
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def small_known(fmt: str) -> Known:
     """One double + one single block, rank 16, power-of-two smoothing, fused out_proj smoothing
     (``proj.fuse_when_possible``) so that both smoothing conventions occur."""
@@ -258,7 +259,7 @@ def small_known(fmt: str) -> Known:
                  num_layers=1, num_single_layers=1)  # fmt: skip
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def small_nunchaku_file(fmt: str) -> Path:
     """The oracle's v1.0 single file of :func:`small_known` (do not modify it)."""
     return small_known(fmt).save_nunchaku(_tmpdir() / f"oracle-{fmt}.safetensors")

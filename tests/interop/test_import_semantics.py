@@ -28,10 +28,14 @@ def _double_layers(p: str, int4_shift: bool, fuse_proj: bool):
         ([f"{a}.to_q", f"{a}.to_k", f"{a}.to_v"], f"{a}.to_q", f"{a}.to_q", False, False,
          ["attn.to_q", "attn.to_k", "attn.to_v"]),
         ([f"{a}.add_q_proj", f"{a}.add_k_proj", f"{a}.add_v_proj"], f"{a}.add_k_proj",
-         f"{a}.add_k_proj", False, False, ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
-        ([f"{a}.to_out.0"], f"{a}.to_out.0", f"{a}.to_out.0", fuse_proj, False, ["attn.to_out.0"]),
-        ([f"{a}.to_add_out"], f"{a}.to_out.0", f"{a}.to_add_out", fuse_proj, False, ["attn.to_add_out"]),
-        ([f"{p}.ff.net.0.proj"], f"{p}.ff.net.0.proj", f"{p}.ff.net.0.proj", False, False, ["ff.net.0.proj"]),
+         f"{a}.add_k_proj", False, False,
+         ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
+        ([f"{a}.to_out.0"], f"{a}.to_out.0", f"{a}.to_out.0", fuse_proj, False,
+         ["attn.to_out.0"]),
+        ([f"{a}.to_add_out"], f"{a}.to_out.0", f"{a}.to_add_out", fuse_proj, False,
+         ["attn.to_add_out"]),
+        ([f"{p}.ff.net.0.proj"], f"{p}.ff.net.0.proj", f"{p}.ff.net.0.proj", False, False,
+         ["ff.net.0.proj"]),
         ([fc2], fc2, fc2, False, int4_shift, ["ff.net.2"]),
         ([f"{p}.ff_context.net.0.proj"], f"{p}.ff_context.net.0.proj",
          f"{p}.ff_context.net.0.proj", False, False, ["ff_context.net.0.proj"]),
@@ -64,8 +68,9 @@ def test_w4a4_layers_match_float64_reconstruction(imported):
     g = torch.Generator().manual_seed(0)
     shift = kn.fmt == "int4"
     checked = 0
-    for p, layers in (("transformer_blocks.0", _double_layers("transformer_blocks.0", shift, True)),
-                      ("single_transformer_blocks.0", _single_layers("single_transformer_blocks.0", shift, True))):  # fmt: skip
+    double, single = "transformer_blocks.0", "single_transformer_blocks.0"
+    for p, layers in ((double, _double_layers(double, shift, True)),
+                      (single, _single_layers(single, shift, True))):  # fmt: skip
         block = model.get_submodule(p)
         for members, smooth_key, branch_key, fused, unsigned, ours in layers:
             w64, b64, smooth = dense(kn, members, fused, unsigned, smooth_key, branch_key)
