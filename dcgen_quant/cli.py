@@ -1,4 +1,4 @@
-"""``python -m dcgen_quant {quantize,inspect,adapt,generate,bench}``.
+"""``python -m dcgen_quant {quantize,inspect,adapt,generate,bench,convert}``.
 
 Each command lives in its own module, which exposes ``HELP`` (one line), ``add_arguments(parser)``
 and ``run(args) -> int``. Modules import their heavy dependencies inside ``run`` so that
@@ -19,6 +19,7 @@ COMMANDS = {
     "adapt": "dcgen_quant.adapt.cli",
     "generate": "dcgen_quant.generate_cli",
     "bench": "dcgen_quant.bench.cli",
+    "convert": "dcgen_quant.interop.cli",
 }
 
 # Exceptions that mean "bad input", reported as a one-line error.
