@@ -11,11 +11,11 @@ full-size model is planned without materializing it.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..checkpoint import (
     INDEX_NAME,
@@ -98,49 +98,74 @@ class CheckpointSource(_SourceBase):
             files = {key: path / shard for key, shard in index["weight_map"].items()}
         else:
             files = None
-        self._handles: dict[Path, Any] = {}
-        self._file_of: dict[str, Path] = {}
+        self._files: dict[Path, Any] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}  # key -> (file, begin, end)
         self._info = {}
         for file in sorted(set(files.values())) if files else [path]:
-            handle = self._open(file)
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if files is not None and files.get(key) != file:
+            header, data_start = _read_header(file)
+            for key, entry in header.items():
+                if key == "__metadata__" or (files is not None and files.get(key) != file):
                     continue
-                sl = handle.get_slice(key)
-                dtype = DTYPES_BY_NAME.get(sl.get_dtype())
+                dtype = DTYPES_BY_NAME.get(entry.get("dtype"))
                 if dtype is None:
-                    raise CheckpointError(f"{file}: tensor {key!r} has dtype {sl.get_dtype()}")
-                self._info[key] = (dtype, tuple(sl.get_shape()))
-                self._file_of[key] = file
+                    raise CheckpointError(f"{file}: tensor {key!r} has dtype {entry.get('dtype')}")
+                begin, end = entry["data_offsets"]
+                self._info[key] = (dtype, tuple(int(x) for x in entry["shape"]))
+                self._where[key] = (file, data_start + int(begin), data_start + int(end))
         if files is not None and (missing := sorted(set(files) - set(self._info))):
             raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from its shard")
         self._check_layers()
 
-    def _open(self, file: Path):
-        if file not in self._handles:
-            if not file.is_file():
-                raise CheckpointError(f"checkpoint shard missing: {file}")
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except Exception as exc:  # truncated / not safetensors
-                raise CheckpointError(
-                    f"{file} is not a readable safetensors file (truncated?): {exc}"
-                ) from None
-        return self._handles[file]
-
     def get(self, key: str) -> torch.Tensor:
-        """The tensor ``key`` (CPU), checked against its checksum when ``verify``."""
+        """The tensor ``key`` (CPU), checked against its checksum when ``verify``.
+
+        Read with plain file reads into fresh memory (not memory-mapped), so that a streaming
+        conversion holds only the tensors it is working on."""
         if key not in self._info:
             raise CheckpointError(f"{self.name}: tensor {key!r} is missing")
-        try:
-            t = self._open(self._file_of[key]).get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read tensor {key!r} from {self.name}: {exc}") from None
+        file, begin, end = self._where[key]
+        if file not in self._files:
+            self._files[file] = open(file, "rb", buffering=0)  # noqa: SIM115 (kept open)
+        fh = self._files[file]
+        buf = bytearray(end - begin)
+        fh.seek(begin)
+        if fh.readinto(buf) != len(buf):
+            raise CheckpointError(f"cannot read tensor {key!r} from {file}: file truncated")
+        dtype, shape = self._info[key]
+        t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+        t = t.view(dtype).reshape(shape)
         if self.verify and self.checksums.get(key) != _crc32(t):
             raise CheckpointError(
                 f"tensor {key!r} does not match its checksum: {self.name} was altered or corrupted"
             )
         return t
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+
+def _read_header(file: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and where its data starts; CheckpointError for a
+    missing, truncated or foreign file."""
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint shard missing: {file}")
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(n))
+        ends = [int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, struct.error) as exc:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file (truncated?): {exc}"
+        ) from None
+    if 8 + n + max(ends, default=0) > size:
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated?)")
+    return header, 8 + n
 
 
 class StateDictSource(_SourceBase):

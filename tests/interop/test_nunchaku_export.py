@@ -11,53 +11,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dcgen_quant.checkpoint import save_quantized
 from dcgen_quant.formats import dequantize_weight
 from dcgen_quant.formats.int4 import unpack_int4
 from dcgen_quant.interop.nunchaku import packing as P
 from dcgen_quant.interop.nunchaku.exporter import convert_to_nunchaku, plan_export
 from dcgen_quant.interop.source import CheckpointSource, StateDictSource
-from dcgen_quant.models.calibration import synthetic_calibration
-from dcgen_quant.models.tiny import tiny_flux
-from dcgen_quant.quantize import quantize_model
-from dcgen_quant.quantize.config import QuantConfig
 
+from .conftest import HEADS
 from .deepcompressor_dicts import deepcompressor_dicts
 from .oracle import deepcompressor, quiet
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
 
-CHEAP = {"smooth_grid": 2, "lowrank_iters": 1, "calib_tokens": 256, "search_tokens": 128}
-# INT4 at hidden 192 (3 heads): N and K need padding to 128 (192 -> 256, 960 -> 1024). NVFP4 at
-# hidden 128: DeepCompressor pads fp8 scales differently from the kernel when K % 128 == 64
-# (test_nunchaku_packing.py), which would hide every other comparison of those layers.
-HEADS = {"int4": 3, "nvfp4": 2}
-
-
-def quantized_checkpoint(path, fmt, config=None, **overrides):
-    """Quantize a tiny bf16 FLUX with our quantizer (one thread: many small LAPACK calls, which
-    multi-threading slows down badly on a loaded machine) and save it to ``path``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        heads = HEADS[fmt]
-        model = tiny_flux(seed=1, dtype=torch.bfloat16, num_attention_heads=heads, **overrides)
-        calib = synthetic_calibration(model, samples=1, steps=1, seed=1)
-        config = config or QuantConfig(format=fmt, nunchaku_compatible=True, **CHEAP)
-        quantize_model(model.eval(), calib, config, progress=False)
-        save_quantized(model, path)
-    finally:
-        torch.set_num_threads(threads)
-    return path
-
 
 @pytest.fixture(scope="module", params=["int4", "nvfp4"])
-def exported(request, tmp_path_factory):
+def exported(request, tmp_path_factory, quantized_flux):
     """(fmt, our checkpoint, the Nunchaku file exported from it, the export's result)."""
     fmt = request.param
     d = tmp_path_factory.mktemp(f"export-{fmt}")
-    ours = quantized_checkpoint(d / "ours.safetensors", fmt)
+    ours = quantized_flux(fmt)
     result = convert_to_nunchaku(ours, d / "nunchaku.safetensors")
     return fmt, ours, d / "nunchaku.safetensors", result
 

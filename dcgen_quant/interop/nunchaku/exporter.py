@@ -436,6 +436,14 @@ def convert_to_nunchaku(
     start = time.perf_counter()
     in_path, out_path = Path(in_path), Path(out_path)
     source = CheckpointSource(in_path, verify=verify)
+    try:
+        return _export(source, in_path, out_path, dtype, requantize, latent_patch_size,
+                       progress, start)  # fmt: skip
+    finally:
+        source.close()
+
+
+def _export(source, in_path, out_path, dtype, requantize, latent_patch_size, progress, start):
     _check_output(out_path, in_path)
     plan = plan_export(source, dtype, latent_patch_size)
     changes = Changes(allow_lossy=requantize)
