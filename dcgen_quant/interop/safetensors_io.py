@@ -64,6 +64,30 @@ class Header:
     path: Path
     metadata: dict[str, str]
     tensors: dict[str, TensorInfo]
+    data_start: int  # file offset of the data buffer (8 + header length)
+
+    def read(self, fh: BinaryIO, key: str) -> torch.Tensor:
+        """Tensor ``key`` read with plain file reads from the open file ``fh`` (no memory map, so
+        the process holds only what it keeps), into a fresh 64-byte-aligned torch allocation.
+        ForeignFormatError names the key when its dtype or byte size is not what its header
+        entry says, or the file ends early."""
+        info = self.tensors[key]
+        dtype = info.torch_dtype
+        if dtype is None:
+            raise ForeignFormatError(f"tensor {key!r} has unsupported dtype {info.dtype}")
+        t = torch.empty(info.shape, dtype=dtype)
+        nbytes = t.numel() * t.element_size()
+        if nbytes != info.end - info.start:
+            raise ForeignFormatError(
+                f"tensor {key!r}: header says {info.end - info.start} bytes for "
+                f"{info.dtype} {list(info.shape)} ({nbytes} bytes)"
+            )
+        if nbytes:
+            fh.seek(self.data_start + info.start)
+            got = fh.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            if got != nbytes:
+                raise ForeignFormatError(f"{self.path} is truncated inside tensor {key!r}")
+        return t
 
 
 def read_header(path: str | Path) -> Header:
@@ -118,7 +142,7 @@ def read_header(path: str | Path) -> Header:
                 f"{path} is truncated: tensor {key!r} ends at byte {info.end} of the data, the "
                 f"file holds {data}"
             )
-    return Header(path, {str(k): str(v) for k, v in metadata.items()}, tensors)
+    return Header(path, {str(k): str(v) for k, v in metadata.items()}, tensors, 8 + n)
 
 
 class StreamWriter:

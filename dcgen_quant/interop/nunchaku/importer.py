@@ -345,6 +345,19 @@ def load_foreign(
     exactly.
     """
     source = open_source(path, config)
+    try:
+        return _load(source, path, model, device, layout, fuse, progress)
+    finally:
+        _close(source)
+
+
+def _close(source) -> None:
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
+
+
+def _load(source, path, model, device, layout, fuse, progress) -> nn.Module:
     if model is not None:
         checkpoint._check_model_matches(
             model, {"class": "FluxTransformer2DModel", "config": source.config}
@@ -404,6 +417,13 @@ def convert_to_dcgen_quant(
         raise ValueError("input and output are the same file")
     checkpoint.check_output(out_path)
     source = open_source(in_path, config)
+    try:
+        return _convert(source, in_path, out_path, progress, t0)
+    finally:
+        _close(source)
+
+
+def _convert(source, in_path, out_path: Path, progress: bool, t0: float) -> dict[str, Any]:
     plan = build_plan(source)
     _check_source_keys(source, plan)
     model = plan.model
