@@ -30,7 +30,7 @@ from ..formats import UNSIGNED_ACT_SHIFT
 from ..formats.packing import pack_nibbles
 from .nunchaku import flux, packing
 from .nunchaku.layers import AWQ, W4A4
-from .safetensors_io import ForeignFormatError, TensorInfo
+from .safetensors_io import ForeignFormatError, TensorInfo, finite
 
 FILES = ("model.pt", "scale.pt", "smooth.pt", "branch.pt")
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -147,7 +147,7 @@ class DeepCompressorSource:
         t = d.get(key)
         if not isinstance(t, Tensor):
             raise ForeignFormatError(f"{self.path}/{file}: tensor {key!r} ({what}) is missing")
-        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+        if not finite(t):
             raise ForeignFormatError(f"{self.path}/{file}: tensor {key!r} holds NaN or Inf values")
         if d is self.model:
             self.used.add(key)

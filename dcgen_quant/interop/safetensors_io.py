@@ -234,6 +234,20 @@ class StreamWriter:
         return dict(self.crcs)
 
 
+def finite(t: torch.Tensor) -> bool:
+    """No NaN / Inf in ``t``: integers trivially; 16-bit and fp8 floats by their bit patterns
+    (all-ones exponent), which reads the bytes once without a float copy."""
+    masks = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+    if t.dtype in masks:
+        m = masks[t.dtype]
+        return not bool(((t.view(torch.int16) & m) == m).any())
+    if t.dtype == torch.float8_e4m3fn:  # no Inf; NaN is S.1111.111
+        return not bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
+    if not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:

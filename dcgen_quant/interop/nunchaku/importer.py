@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ... import checkpoint
 from ...atomic import atomic_path
 from ...nn import SVDQLinear, SVDQSplitLinear, W4A16Linear
-from ..safetensors_io import ForeignFormatError, StreamWriter
+from ..safetensors_io import ForeignFormatError, StreamWriter, finite
 from . import flux
 from .detect import foreign_kind
 from .layers import W4A4, mergeable, merged_svdq_tensors, svdq_tensors, w4a16_tensors
@@ -287,7 +287,7 @@ def _top_level(source, reference: dict[str, Tensor]) -> dict[str, Tensor]:
             raise ForeignFormatError(
                 f"tensor {key!r} is {t.dtype}; the checkpoint's 16-bit dtype is {source.dtype}"
             )
-        if not bool(torch.isfinite(t.float()).all()):
+        if not finite(t):
             raise ForeignFormatError(f"tensor {key!r} holds NaN or Inf values")
     return {k: tensors[k] for k in wanted}
 

@@ -57,9 +57,12 @@ class W4A4:
     @property
     def rank(self) -> int:
         """The rank without trailing all-zero columns (Nunchaku pads the rank to 16)."""
-        nonzero = (self.lora_down != 0).any(dim=1) | (self.lora_up != 0).any(dim=0)
-        idx = torch.nonzero(nonzero).flatten()
-        return int(idx[-1]) + 1 if idx.numel() else 0
+        r = self.lora_down.shape[0]
+        while r > 0 and not (
+            bool(self.lora_down[r - 1].any()) or bool(self.lora_up[:, r - 1].any())
+        ):
+            r -= 1
+        return r
 
     def member_wtscales(self, sizes: list[int]) -> list[Tensor | None]:
         """Our float32 ``wtscale`` for each output range of ``sizes`` (None for INT4).

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..safetensors_io import DTYPES, ForeignFormatError, Header, TensorInfo, read_header
+from ..safetensors_io import DTYPES, ForeignFormatError, Header, TensorInfo, finite, read_header
 from . import flux, packing
 from .layers import AWQ, W4A4
 
@@ -161,13 +161,10 @@ class NunchakuSource:
             return flux.parse_config(self.metadata["config"], f"{self.path} metadata 'config'")
         if self.kind == "nunchaku-legacy" and (self.path / "config.json").is_file():
             return flux.parse_config(self.path / "config.json", str(self.path / "config.json"))
-        shapes = {_diffusers_norm_name(k): info.shape for k, (_, info) in self.index.items()}
+        shapes = {k: info.shape for k, (_, info) in self.index.items()}
         return flux.infer_config(shapes, [k for k in self.index if is_block_key(k)])
 
     # ---------------------------------------------------------------- tensors
-
-    def keys(self) -> list[str]:
-        return list(self.index)
 
     def info(self, key: str) -> TensorInfo | None:
         hit = self.index.get(key)
@@ -198,7 +195,7 @@ class NunchakuSource:
                 f"{'/'.join(dtypes)} {list(shape)} ({what})"
             )
         t = self.tensor(key)
-        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+        if not finite(t):
             raise ForeignFormatError(f"tensor {key!r} holds NaN or Inf values")
         return t
 
@@ -294,10 +291,20 @@ class NunchakuSource:
                 f"tensor {p + '.wzeros'!r} (output row {bad}) is not an integer zero point times "
                 "the scale: asymmetric AWQ weights are not supported yet"
             )
-        stored = packing.unpack_awq_qweight(q).to(torch.int16)
-        codes = stored - zp.to(torch.int16).repeat_interleave(packing.AWQ_GROUP, dim=1)
-        if int(codes.min()) < -8 or int(codes.max()) > 7:
-            bad = int(codes.max()) if int(codes.max()) > 7 else int(codes.min())
+        stored = packing.unpack_awq_qweight(q)  # [O, I] uint8, 0..15
+        lo, hi = int(stored.min()), int(stored.max())
+        if bool((zp == zp.flatten()[0]).all()):  # one zero point (7 in every known file)
+            z = int(zp.flatten()[0])
+            codes = stored.view(torch.int8) - z  # exact: 0..15 fits int8
+            bad = hi - z if hi - z > 7 else (lo - z if lo - z < -8 else None)
+        else:
+            codes = stored.to(torch.int16) - zp.to(torch.int16).repeat_interleave(
+                packing.AWQ_GROUP, dim=1
+            )
+            cmin, cmax = int(codes.min()), int(codes.max())
+            bad = cmax if cmax > 7 else (cmin if cmin < -8 else None)
+            codes = codes.to(torch.int8)
+        if bad is not None:
             raise ForeignFormatError(
                 f"tensor {p + '.qweight'!r} holds code {bad} (stored code minus zero point), "
                 "outside the signed INT4 range -8..7 our W4A16 layers hold"
@@ -305,7 +312,7 @@ class NunchakuSource:
         bias = self._get(f"{p}.bias", (o,), dt, "bias (folded +1, interleaved)")
         return AWQ(
             name=p,
-            codes=packing.deinterleave_adanorm(codes.to(torch.int8), spec.chunks).contiguous(),
+            codes=packing.deinterleave_adanorm(codes, spec.chunks).contiguous(),
             wscales=packing.deinterleave_adanorm(s, spec.chunks).contiguous(),
             bias=packing.unfold_adanorm_bias(bias, spec.chunks),
         )
@@ -328,8 +335,3 @@ class NunchakuSource:
 def packing_name(dtype: torch.dtype) -> str:
     """safetensors' dtype name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
     return {v: k for k, v in DTYPES.items()}[dtype]
-
-
-def _diffusers_norm_name(key: str) -> str:
-    # family-A "...blocks.0.norm_q.weight" is diffusers' "...blocks.0.attn.norm_q.weight"
-    return key
