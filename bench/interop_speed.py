@@ -155,16 +155,21 @@ def make_checkpoint(path: Path, fmt: str, seed: int = 0, **overrides) -> dict:
 
 
 def _timed(cmd: list[str]) -> dict:
-    """Run ``cmd``; wall seconds and the child's peak RSS (MiB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run ``cmd``; wall seconds, CPU seconds (user + system, all threads: less sensitive than the
+    wall time to a shared machine) and the child's peak RSS (MiB)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_kib = usage.ru_maxrss
+    cpu = usage.ru_utime + usage.ru_stime - cpu_before
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
     # ru_maxrss of children is the maximum over all children so far: only meaningful if it grew
-    return {"seconds": seconds, "peak_rss_mib": peak_kib / 1024, "grew": peak_kib > before}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak_kib / 1024,
+            "grew": peak_kib > before}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,13 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{record['torch']}. Re-run: `python -m dcgen_quant.bench.interop_speed --format "
         f"{args.format}`.",
         "",
-        "| direction | input GiB | output GiB | seconds | peak RSS MiB |",
-        "|---|---|---|---|---|",
+        "| direction | input GiB | output GiB | seconds | CPU seconds | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['direction']} | {r['input_gib']:.2f} | {r['output_gib']:.2f} | "
-            f"{r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |"
+            f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_mib']:.0f} |"
         )
     lines += ["", record["note"], ""]
     text = "\n".join(lines)
