@@ -196,7 +196,7 @@ def _relayout(model, layout_of) -> None:
             m.set_layout(layout_of(m.fmt))
 
 
-def _run_format(fmt, config, device, tmp: Path, tokens: int, dry_run: bool) -> list[dict]:
+def _run_format(fmt, config, device, tmp: Path, tokens: int, dry_run: bool, emit_row) -> None:
     from dcgen_quant import ops
     from dcgen_quant.bench.measured import time_fn
 
@@ -209,12 +209,11 @@ def _run_format(fmt, config, device, tmp: Path, tokens: int, dry_run: bool) -> l
     acts = _capture(model, inputs)
     with torch.no_grad():
         y_ref = model(**inputs).sample.double()
-    rows = []
     for backend in ["reference"] + ([] if dry_run else ["triton", "cuda"]):
         row = {"format": fmt, "backend": backend, "tokens": tokens, "prepare_s": prep,
                "export_changes": len(export["changes"])}  # fmt: skip
         if (reason := ops.backend_unavailable(backend)) is not None:
-            rows.append({**row, "status": f"unavailable: {reason}"})
+            emit_row({**row, "status": f"unavailable: {reason}"})
             continue
         try:
             ops.set_backend(backend)
@@ -239,13 +238,10 @@ def _run_format(fmt, config, device, tmp: Path, tokens: int, dry_run: bool) -> l
         finally:
             ops.set_backend("reference")
             _relayout(model, lambda f: "canonical")
-        rows.append(row)
-    return rows
+        emit_row(row)
 
 
 def run(out: Path | None, dry_run: bool, tokens: int, formats: list[str]) -> list[dict[str, Any]]:
-    from dcgen_quant.bench.measured import environment
-
     device = torch.device("cpu" if dry_run else "cuda")
     if not dry_run and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA GPU (use --dry-run on a CPU)")
@@ -255,21 +251,32 @@ def run(out: Path | None, dry_run: bool, tokens: int, formats: list[str]) -> lis
 
         config = {**TINY_FLUX_CONFIG, "num_layers": 1, "num_single_layers": 1}
         tokens = min(tokens, 64)
-    rows = []
+    rows: list[dict[str, Any]] = []
+
+    def emit_row(row: dict[str, Any]) -> None:
+        # written after every row: a run cut short by its time box keeps what it measured
+        rows.append(row)
+        _write(out, rows, device, dry_run)
+
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:
-            rows += _run_format(fmt, config, device, Path(tmp), tokens, dry_run)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        doc = {"environment": environment(device), "dry_run": dry_run, "rows": rows}
-        (out / f"{NAME}.json").write_text(json.dumps(doc, indent=1, default=str))
-        from dcgen_quant.tables import format_table
-
-        (out / f"{NAME}.md").write_text(
-            f"# {NAME}\n\n`python -m dcgen_quant.bench.{NAME}{' --dry-run' if dry_run else ''}`\n\n"
-            f"```\n{format_table(rows, COLUMNS)}\n```\n"
-        )
+            _run_format(fmt, config, device, Path(tmp), tokens, dry_run, emit_row)
     return rows
+
+
+def _write(out: Path | None, rows, device, dry_run: bool) -> None:
+    if out is None:
+        return
+    from dcgen_quant.bench.measured import environment
+    from dcgen_quant.tables import format_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"environment": environment(device), "dry_run": dry_run, "rows": rows}
+    (out / f"{NAME}.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out / f"{NAME}.md").write_text(
+        f"# {NAME}\n\n`python -m dcgen_quant.bench.{NAME}{' --dry-run' if dry_run else ''}`\n\n"
+        f"```\n{format_table(rows, COLUMNS)}\n```\n"
+    )
 
 
 COLUMNS = [
