@@ -72,7 +72,10 @@ def _load(path: Path, required: bool) -> dict:
             raise ForeignFormatError(f"DeepCompressor folder lacks {path.name}")
         return {}
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        # mmap pages model.pt in as layers are read; files in torch's pre-1.6 (non-zip)
+        # format cannot be mapped and are loaded whole
+        zipped = zipfile.is_zipfile(path)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
     except (
         RuntimeError,
         OSError,
@@ -82,8 +85,10 @@ def _load(path: Path, required: bool) -> dict:
         ValueError,
     ) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in message:
+            message = "not plain tensors and dicts (not unpickled: that could run code)"
         raise ForeignFormatError(
-            f"{path} cannot be read (truncated or not a torch file): {message}"
+            f"{path} cannot be read (truncated or not a torch file): {message[:160]}"
         ) from None
     if not isinstance(obj, dict):
         raise ForeignFormatError(f"{path} does not hold a dict")
