@@ -155,16 +155,14 @@ def make_checkpoint(path: Path, fmt: str, seed: int = 0, **overrides) -> dict:
 
 
 def _timed(cmd: list[str]) -> dict:
-    """Run ``cmd``; wall seconds, CPU seconds (user + system, all threads: less sensitive than the
-    wall time to a shared machine) and the child's peak RSS (MiB)."""
+    """Run ``cmd``; wall seconds and the child's peak RSS (MiB)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    peak_kib = usage.ru_maxrss
-    cpu = usage.ru_utime + usage.ru_stime - cpu_before
+    peak_kib, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime - cpu_before
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
     # ru_maxrss of children is the maximum over all children so far: only meaningful if it grew
@@ -224,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": _dt.date.today().isoformat(),
-        "note": "peak_rss_mib: the conversion subprocess's maximum resident set (input read with "
-        "plain reads, not memory-mapped). Times on a shared machine are upper bounds.",
+        "note": "peak RSS: the conversion subprocess's maximum resident set (input read with "
+        "plain reads, not memory-mapped). CPU seconds: its user + system time (all threads), "
+        "less sensitive to a shared machine than the wall time, which is an upper bound there.",
     }
     lines = [
         f"# Conversion speed, {record['geometry']}, {args.format} ({record['date']})",
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{record['torch']}. Re-run: `python -m dcgen_quant.bench.interop_speed --format "
         f"{args.format}`.",
         "",
-        "| direction | input GiB | output GiB | seconds | CPU seconds | peak RSS MiB |",
+        "| direction | input GiB | output GiB | wall seconds | CPU seconds | peak RSS MiB |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ...formats import UNSIGNED_ACT_SHIFT, QuantizedWeight, dequantize_weight, get_format
-from ...formats.int4 import quantize_int4, unpack_int4
+from ...formats.int4 import quantize_int4
+from ...formats.packing import unpack_nibbles
 from ...quantize.layer import unsigned_bias
 from . import packing as P
 
@@ -306,25 +307,32 @@ def awq_tensors(
             "W4A16 (group 64): pass --requantize to re-quantize it (round to nearest), or "
             "quantize with --nunchaku-compatible",
         )  # fmt: skip
+        # round to nearest gives codes -7..7 (|w| / bf16(amax / 7) <= 7.03); clamp regardless
+        q = (codes.clamp(min=-7) + P.AWQ_ZERO_POINT).to(torch.uint8)
         bias = layer.bias
     else:
-        codes = unpack_int4(layer.packed)  # [O, I] int8
-        low = int((codes == -8).sum())
+        # Work on raw nibbles: INT4 code c has nibble c & 15, and q = c + 7 = (nibble + 7) & 15
+        # for every code but -8 (nibble 8), which zero point 7 cannot hold.
+        nib = unpack_nibbles(layer.packed)  # [O, I] uint8
+        minus8 = nib == 8
+        low = int(minus8.sum()) if bool(minus8.any()) else 0
         changes.record(
-            "awq-clamp", out, low, codes.numel(), lossy=True,
+            "awq-clamp", out, low, nib.numel(), lossy=True,
             message="W4A16 codes -8 clamped to -7 (AWQ zero point 7 holds -7..8)",
             refusal=f"{layer.name}: {low} W4A16 code(s) are -8, which Nunchaku's AWQ zero point 7 "
             "cannot hold: pass --requantize to clamp them to -7, or quantize with "
             "--nunchaku-compatible",
         )  # fmt: skip
-        codes = codes.clamp(min=-7)
+        q = (nib + P.AWQ_ZERO_POINT) & 15
+        if low:
+            q[minus8] = 0  # code -7
         scales = cast(layer.wscales.t(), dtype, f"{out}.wscales", changes)  # [O, G]
         bias = layer.bias
-    o = codes.shape[0]
+    o = q.shape[0]
     bias = (
         torch.zeros(o, dtype=dtype) if bias is None else cast(bias, dtype, f"{out}.bias", changes)
     )
-    q = P.interleave_adanorm((codes + P.AWQ_ZERO_POINT).to(torch.uint8), chunks)
+    q = P.interleave_adanorm(q, chunks)
     s = P.interleave_adanorm(scales.contiguous(), chunks)
     folded = P.fold_adanorm_bias(bias, chunks)
     # inherent 16-bit roundings of the format, counted: b + 1 of the scale chunks, and 7 * s

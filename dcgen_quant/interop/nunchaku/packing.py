@@ -381,10 +381,9 @@ def pack_awq_qweight(codes: torch.Tensor) -> torch.Tensor:
     o, i = codes.shape
     if o % 4 or i % AWQ_GROUP:
         raise ValueError(f"codes: O={o} must be a multiple of 4 and I={i} of {AWQ_GROUP}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
-        raise ValueError(
-            f"codes: AWQ codes must lie in 0..15, got {int(codes.min())}..{int(codes.max())}"
-        )
+    low = 0 if codes.dtype == torch.uint8 or not codes.numel() else int(codes.min())
+    if codes.numel() and (low < 0 or int(codes.max()) > 15):
+        raise ValueError(f"codes: AWQ codes must lie in 0..15, got {low}..{int(codes.max())}")
     q = codes.to(torch.uint8).reshape(o // 4, 4, i // 64, 2, 4, 8)  # (R, s, b, h, t, e')
     q = q.permute(0, 2, 1, 3, 5, 4)  # (R, b, s, h, e', t): one int16 per (R, b, s, h, e')
     lo = q[..., 0] | (q[..., 1] << 4)  # little-endian: byte 0 holds t = 0, 1
