@@ -81,3 +81,16 @@ def test_convert_streams_a_checkpoint_that_loads_back_identically(nunchaku_file,
     assert foreign.read_bytes() == path.read_bytes()
     with pytest.raises(ValueError, match="same file"):
         convert_to_dcgen_quant(path, path, progress=False)
+
+
+def test_load_into_a_given_model(nunchaku_file):
+    """``load_quantized(path, model=...)`` checks the model against the file's config first."""
+    from dcgen_quant.checkpoint import CheckpointError
+    from dcgen_quant.models.tiny import tiny_flux
+
+    kn, path = nunchaku_file
+    model = tiny_flux(num_layers=1, num_single_layers=1)
+    loaded = load_quantized(path, model=model)
+    assert loaded is model and isinstance(model.transformer_blocks[0].attn.to_q, SVDQLinear)
+    with pytest.raises(CheckpointError, match="num_layers"):
+        load_quantized(path, model=tiny_flux())
