@@ -57,7 +57,12 @@ def ssim(ref: np.ndarray, img: np.ndarray) -> float:
     _check(ref, img)
     return float(
         structural_similarity(
-            ref, img, data_range=255, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+            ref,
+            img,
+            data_range=255,
+            channel_axis=-1,
+            gaussian_weights=True,
+            sigma=1.5,
             use_sample_covariance=False,
         )  # fmt: skip
     )
