@@ -194,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
     wanted = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if bad := [m for m in wanted if m not in METRICS]:
         raise ValueError(f"--metrics: unknown {bad[0]!r}; expected some of {', '.join(METRICS)}")
+    if args.metric_weights is not None and not args.metric_weights.is_dir():
+        raise NotADirectoryError(f"--metric-weights {args.metric_weights}: not a directory")
     _check_out(args.out)
     models = [S.describe_source(spec, "--model") for spec in args.model]
     reference = S.describe_source(args.reference or S.default_reference(models), "--reference")
