@@ -88,6 +88,7 @@ def _dtype_for(source, args, device, checkpoints) -> str:
 
 
 def _loader(source, device, dtype):
+    # not cached: the model is dropped once its images are made (one full-size model at a time)
     def load():
         from ..generate_cli import load_transformer
         from ..models.tiny import tiny_flux, tiny_sana
@@ -97,7 +98,7 @@ def _loader(source, device, dtype):
             return build(seed=0).to(device=device, dtype=dtype).eval()
         return load_transformer(source.path, device, dtype)[0].eval()
 
-    return functools.cache(load)
+    return load
 
 
 def _autoencoders(sources, reference, args, device):
@@ -233,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         p, imgs, n = I.ensure_images(args.out, s, rt, text, text_fp, prompts, settings)
         paths[s.label], pixels[s.label], generated = p, imgs, generated + n
         s.extra["dtype"] = str(dtype).replace("torch.", "")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the model just used is gone; give its memory back
 
     learned = load_learned(args.metric_weights, device, len(prompts), wanted)
     skipped = {**M.pixel_skips(resolution), **learned.skipped}

@@ -100,7 +100,7 @@ def describe_source(spec: str, what: str) -> Source:
     """A :class:`Source` for ``spec`` (``what`` names the argument in error messages)."""
     from ..adapt import data as D
     from ..adapt.runner import PIPELINES, TRANSFORMERS, _class_of
-    from ..checkpoint import is_checkpoint, read_metadata
+    from ..checkpoint import CheckpointError, is_checkpoint, read_metadata
 
     if spec in EMBEDDED:
         from ..models.tiny import TINY_FLUX_CONFIG, TINY_SANA_CONFIG
@@ -114,7 +114,10 @@ def describe_source(spec: str, what: str) -> Source:
             f"{what} {spec!r}: no such file or directory (and not one of {', '.join(EMBEDDED)})"
         )
     if is_checkpoint(path):
-        meta = read_metadata(path)  # validates the format; tensors are checked when loading
+        try:
+            meta = read_metadata(path)  # validates the format; tensors are checked when loading
+        except CheckpointError as exc:
+            return _foreign_checkpoint(spec, path, what, exc)
         model = meta["model"] if isinstance(meta.get("model"), dict) else {}
         cls = str(model.get("class"))
         if cls not in FAMILY:
@@ -150,6 +153,39 @@ def describe_source(spec: str, what: str) -> Source:
         ae_dir = Path(recorded) if recorded else None
     return Source(spec, "transformer", cls, config, _sha1("dir", D.dir_fingerprint(path)),
                   path=path, ae_dir=ae_dir)  # fmt: skip
+
+
+def _file_fingerprint(path: Path) -> str:
+    """Path, size, mtime and the safetensors header (names, dtypes, shapes, offsets) of a file."""
+    st = path.stat()
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        header = fh.read(min(n, 1 << 26))
+    return _sha1("file", str(path.resolve()), st.st_size, st.st_mtime_ns,
+                 hashlib.sha1(header).hexdigest())  # fmt: skip
+
+
+def _foreign_checkpoint(spec: str, path: Path, what: str, error: Exception) -> Source:
+    """A ``.safetensors`` file without our metadata: whatever :func:`load_quantized` imports
+    (another engine's 4-bit format), described from the loaded model; else ``error``."""
+    from ..checkpoint import load_quantized
+
+    try:
+        model = load_quantized(path, device="cpu")
+    except (ValueError, KeyError, TypeError, OSError):
+        raise error from None  # not importable either: our format's own message
+    cls = type(model).__name__
+    if cls not in FAMILY:
+        raise ValueError(f"{what} {spec!r}: a checkpoint of a {cls}; expected a FLUX / SANA model")
+    qconfig = getattr(model, "dcgen_quant_config", None)
+    dtype = str(getattr(qconfig, "dtype", "torch.bfloat16")).replace("torch.", "")
+    report = getattr(model, "dcgen_quant_report", None)
+    source = Source(spec, "checkpoint", cls, dict(model.config), _file_fingerprint(path),
+                    path=path, quant_dtype=dtype,
+                    calibration=report if isinstance(report, dict) else None)  # fmt: skip
+    source.extra["quantization"] = {"format": getattr(qconfig, "format", None), "imported": True}
+    return source
 
 
 def assign_labels(sources: list[Source]) -> None:
