@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from . import pictures as P
     from . import sources as S
     from .learned import METRICS, load_learned
+    from .lpips import LPIPS
 
     prompts = I.read_prompts(args.prompts)
     if args.steps < 1:
@@ -238,6 +239,9 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()  # the model just used is gone; give its memory back
 
     learned = load_learned(args.metric_weights, device, len(prompts), wanted)
+    if learned.lpips is not None and resolution < LPIPS.MIN_SIDE:
+        learned.lpips = None
+        learned.skipped["lpips"] = f"needs images of at least {LPIPS.MIN_SIDE} px (AlexNet)"
     skipped = {**M.pixel_skips(resolution), **learned.skipped}
     rows, totals = [], []
     ref_rows = M.reference_rows(reference.label, pixels[reference.label], prompts, learned)
@@ -256,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
     layers_path = args.out / "layers.png"
     panels = [(m.label, m.calibration) for m in checkpoints if m.calibration]
     layers = layers_path if P.write_layers(layers_path, panels) else None
+    if layers is None:
+        layers_path.unlink(missing_ok=True)  # an earlier run's map is not this run's
 
     doc = {
         "reference": {**reference.describe(), "dtype": reference.extra.get("dtype")},
