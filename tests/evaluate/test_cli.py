@@ -250,3 +250,13 @@ def test_bad_input_is_a_one_line_error(bad_inputs, argv, message, capsys):
     assert message in lines[0], lines[0]
     assert not (bad_inputs / "out").exists()  # nothing written
     assert [p.name for p in (bad_inputs / "foreign").iterdir()] == ["notes.txt"]
+
+
+def test_lpips_is_skipped_below_32_px(metric_weights, prompts_file, tmp_path, capsys):
+    doc = _json(capsys, "--model", "tiny-sana", "--reference", "tiny-sana", "--prompts",
+                prompts_file, "--metric-weights", metric_weights, "--metrics", "lpips",
+                "--resolution", "16", "--steps", "1", "--out", tmp_path / "e",
+                "--threads", "1")  # fmt: skip
+    assert doc["skipped"]["lpips"] == "needs images of at least 32 px (AlexNet)"
+    assert doc["generated"] == 4 and [m["label"] for m in doc["models"]] == ["tiny-sana-2"]
+    assert all(r["lpips"] is None and r["psnr"] == math.inf for r in doc["rows"])
