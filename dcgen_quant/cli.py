@@ -1,5 +1,4 @@
 """``python -m dcgen_quant {quantize,inspect,adapt,generate,evaluate,bench,convert}``.
-"""``python -m dcgen_quant {quantize,inspect,adapt,generate,evaluate,bench}``.
 
 Each command lives in its own module, which exposes ``HELP`` (one line), ``add_arguments(parser)``
 and ``run(args) -> int``. Modules import their heavy dependencies inside ``run`` so that
