@@ -212,13 +212,14 @@ class Context:
         cache_dir = Path(cache_dir)
         # the encoders are loaded on first need (a missing shard) and dropped after the caches
         loaded: dict = {}
+        autoencoders: dict = {}
 
         def encoders():
-            if not loaded:
+            if not autoencoders:
                 dev = self.device
-                loaded["base"] = load_autoencoder(vae_dir, "base_ae").to(dev)
-                loaded["new"] = load_autoencoder(inputs.target_ae, "target_ae").to(dev)
-            return loaded
+                autoencoders["base"] = load_autoencoder(vae_dir, "base_ae").to(dev)
+                autoencoders["new"] = load_autoencoder(inputs.target_ae, "target_ae").to(dev)
+            return autoencoders
 
         def text_encoder():
             if "text" not in loaded:
@@ -295,6 +296,7 @@ class Context:
             sets.append(D.LatentSet(lat["base"], lat["new"], idx, table, empty, extra["names"]))
         self.train, self.held = sets
         loaded.clear()
+        autoencoders.clear()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

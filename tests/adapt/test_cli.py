@@ -101,7 +101,7 @@ def test_stages_one_at_a_time_with_resume_and_the_output_loads(flux_inputs, tmp_
         "lora",
     ]
     assert state["run"]["text"].startswith("hashed-v1")  # bare transformer: the fallback
-    assert not (out / "lora" / "ckpt.pt").exists()
+    assert not (out / "lora" / "ckpt").exists()
     side = json.loads((out / "model" / "dcgen_adapt.json").read_text())
     assert side["stages"] == ["align", "head", "lora"] and side["latent_patch_size"] == 1
     _forward(out / "model", FluxTransformer2DModel, 32)
