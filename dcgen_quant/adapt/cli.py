@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="frozen transformer weights; bfloat16 trains under autocast, trainable params float32",
     )
     hp.add_argument("--report-images", type=int, default=16, help="held-out images reported")
+    hp.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip the alignment report (it runs the base and every stage on held-out images)",
+    )
     sc = parser.add_argument_group("scale (see docs/ADAPT.md, 'Full size')")
     sc.add_argument(
         "--grad-checkpoint",
@@ -175,6 +180,8 @@ def run(args) -> int:
         for name in ("base", "base_ae", "target_ae", "data", "heldout"):
             if getattr(args, name) is not None:
                 raise ValueError(f"--{name.replace('_', '-')}: not used with --demo")
+        if args.no_report:
+            raise ValueError("--no-report: the demo exists for its report")
     else:
         for name in ("base", "target_ae", "data", "out"):
             if getattr(args, name) is None:
@@ -209,6 +216,10 @@ def _run_dirs(args, dist) -> int:
     ctx = Context(inputs, out / "cache", device=args.device, dtype=args.dtype, dist=dist)
     state = run_chain(ctx, out, opts)
     if not dist.main:  # the report and its files are rank 0's
+        return 0
+    if args.no_report:
+        doc = {"out": str(out), "model": str(out / "model"), "stages": state["stages"]}
+        print(json.dumps(doc, indent=2, default=str) if args.json else f"model: {doc['model']}")
         return 0
     names = {s: s for s in ("surgery", "align", "head", "lora")}
     mse, flow, breakdown = evaluate(ctx, [(out, names)], opts.reconcile)

@@ -168,15 +168,21 @@ _FP32 = {
 
 
 class AutocastEmulation(TorchFunctionMode):
-    """CUDA-style autocast for tensors no autocast sees (meta), and the flash attention contract.
+    """Autocast for tensors no autocast sees (meta), and the flash attention contract.
 
-    ``dtype`` None: no casting (a float32 run). The casts happen above autograd, so the tensors
-    autograd saves are the cast ones, as under real autocast.
+    ``dtype`` None: no casting (a float32 run). ``policy`` "cuda": CUDA autocast's rules for the
+    ops listed above; "cpu": CPU autocast's (matmuls in ``dtype``, of the float32 list only
+    mse; checked against torch 2.13), for comparing a plan with a step measured on a CPU. The
+    casts happen above autograd, so the tensors autograd saves are the cast ones, as under real
+    autocast.
     """
 
-    def __init__(self, dtype: torch.dtype | None):
+    def __init__(self, dtype: torch.dtype | None, policy: str = "cuda"):
         super().__init__()
+        if policy not in ("cuda", "cpu"):
+            raise ValueError(f"policy: got {policy!r}; expected 'cuda' or 'cpu'")
         self.dtype = dtype
+        self.fp32 = _FP32 if policy == "cuda" else {F.mse_loss}
 
     @staticmethod
     def _cast(args, kwargs, dtype):
@@ -191,7 +197,7 @@ class AutocastEmulation(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.dtype is not None and func in _LOW:
             args, kwargs = self._cast(args, kwargs, self.dtype)
-        elif self.dtype is not None and func in _FP32:
+        elif self.dtype is not None and func in self.fp32:
             args, kwargs = self._cast(args, kwargs, torch.float32)
         if func is F.scaled_dot_product_attention:
             qkv = list(args[:3]) + [kwargs[k] for k in ("query", "key", "value")[len(args) :]]
@@ -304,6 +310,7 @@ def simulate_step(
     device: str = "meta",
     patch: int = 1,
     emulate: bool = True,
+    policy: str = "cuda",
 ) -> tuple[int, int]:
     """Run one forward + backward of stage ``stage``'s loss on ``model`` and count its memory.
 
@@ -317,7 +324,8 @@ def simulate_step(
     teacher : stage 1 only: (base model, its latent (C, H, W), its patch size)
     autocast : the compute dtype (None: float32, no casting); on ``device="cpu"`` real CPU
         autocast runs instead of the emulation
-    emulate : emulate CUDA autocast and flash attention (meta runs)
+    emulate : emulate autocast and flash attention (meta runs); ``policy``: whose autocast
+        rules, "cuda" or "cpu" (see :class:`AutocastEmulation`)
 
     Returns
     -------
@@ -344,7 +352,7 @@ def simulate_step(
                 from torch.utils.checkpoint import checkpoint
 
                 def ctx():
-                    return contextlib.nullcontext(), AutocastEmulation(autocast)
+                    return contextlib.nullcontext(), AutocastEmulation(autocast, policy)
 
                 return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=ctx)
 
@@ -352,7 +360,7 @@ def simulate_step(
     elif getattr(model, "gradient_checkpointing", False):
         model.disable_gradient_checkpointing()
     if emulate:
-        cast = AutocastEmulation(autocast)
+        cast = AutocastEmulation(autocast, policy)
     elif autocast is not None:
         cast = torch.autocast(dev.type, dtype=autocast)
     else:
@@ -409,6 +417,7 @@ def plan(
     name: str = "model",
     emulate: bool = True,
     shallow=None,
+    policy: str = "cuda",
 ) -> MemoryPlan:
     """The :class:`MemoryPlan` of training ``stage`` of ``model`` (a meta-device model whose
     trainable parameters are float32 with requires_grad and frozen ones in ``dtype``).
@@ -434,6 +443,7 @@ def plan(
         "autocast": None if compute == torch.float32 else compute,
         "patch": patch,
         "emulate": emulate,
+        "policy": policy,
     }
     dev = next(model.parameters()).device.type
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -289,20 +290,27 @@ def run_chain(ctx: Context, out: str | Path, opts: ChainOptions) -> dict:
                 f"stage: {s} would run after {later[0]}, which {out} already finished; use a new "
                 "--out"
             )
-    # every stage's memory plan is checked before any of them trains
-    plans = {s: MP.stage_plan(ctx, s, opts) for s in todo}
-    for stage in todo:
+    # every stage's memory plan is checked before any of them trains (on a GPU, or wherever a
+    # limit is given: on a CPU without one it would only cost time)
+    limit = MP.device_limit(ctx.device, opts.memory_limit_gib)
+    plans = {s: MP.stage_plan(ctx, s, opts) for s in todo} if limit is not None else {}
+    for plan in plans.values():
         if dist.main:
-            MP.print_plan(plans[stage])
-        MP.check(plans[stage], MP.device_limit(ctx.device, opts.memory_limit_gib))
+            MP.print_plan(plan)
+        MP.check(plan, limit)
     for stage in todo:
+        t0 = time.perf_counter()
         result, trained = _train_stage(ctx, out, state, stage, opts)
         cfg = opts.config(stage)
         state["stages"][stage] = {
             "done": True,
             "config": asdict(cfg),
             "processes": dist.world,
-            "memory_plan": plans[stage].summary(),
+            "micro_batch": cfg.batch_size // dist.world // cfg.grad_accum,
+            # wall time of this invocation's training of the stage (model build to gathered
+            # parameters; bench/adapt_scaling.py compares it between process counts)
+            "seconds": round(time.perf_counter() - t0, 3),
+            "memory_plan": plans[stage].summary() if stage in plans else None,
             "resumed_from": result.resumed_from,
             "first_loss": result.losses[0] if result.losses else None,
             "final_loss": result.losses[-1] if result.losses else None,
