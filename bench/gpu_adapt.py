@@ -187,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dcgen_quant.bench.gpu_adapt")
     ap.add_argument("--out", required=True)
     ap.add_argument("--dry-run", action="store_true", help="tiny FLUX on the CPU")
-    ap.add_argument("--blocks", type=int, nargs=2, default=(2, 4), metavar=("DOUBLE", "SINGLE"))
+    ap.add_argument(
+        "--blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"), help="default 2 4 (dry 1 1)"
+    )
     ap.add_argument("--batch", type=int, default=None, help="default 8 (dry run 2)")
-    ap.add_argument("--steps", type=int, default=None, help="default 5 (dry run 3)")
+    ap.add_argument("--steps", type=int, default=None, help="default 5 (dry run 2)")
     args = ap.parse_args(argv)
+    args.blocks = tuple(args.blocks or ((1, 1) if args.dry_run else (2, 4)))
     args.batch = args.batch or (2 if args.dry_run else 8)
-    args.steps = args.steps or (3 if args.dry_run else 5)
+    args.steps = args.steps or (2 if args.dry_run else 5)
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
         return 2
@@ -223,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(
         rows,
         cols,
-        title=f"stage 3, FLUX {args.blocks[0]}+{args.blocks[1]} blocks at full width, "
-        f"{env['gpu'] or 'CPU (dry run)'}",
+        title=f"stage 3, FLUX {args.blocks[0]}+{args.blocks[1]} blocks "
+        f"{'(tiny, dry run on the CPU)' if args.dry_run else 'at full width, ' + env['gpu']}",
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -148,14 +148,25 @@ class Dist:
 
         return isinstance(tensor, DTensor)
 
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a sharded tensor (a view), or the tensor itself."""
+        return tensor.to_local() if self.is_sharded(tensor) else tensor
+
     def sync_grads(self, params: list[nn.Parameter]) -> None:
-        """Average the gradients of replicated (not sharded) parameters over the ranks."""
+        """Average the gradients of replicated (not sharded) parameters over the ranks (one
+        all-reduce of their concatenation)."""
         if not self.distributed:
             return
-        for p in params:
-            if p.grad is not None and not self.is_sharded(p):
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(self.world)
+        grads = [p.grad for p in params if p.grad is not None and not self.is_sharded(p)]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def full(self, tensor: torch.Tensor) -> torch.Tensor:
         """The whole tensor on the CPU (gathers a sharded one; a collective on every rank)."""

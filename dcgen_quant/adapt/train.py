@@ -133,21 +133,20 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, dist: Dist) -> f
     :meth:`Dist.sync_grads`) counted once. Same rule as ``torch.nn.utils.clip_grad_norm_``
     (coefficient max_norm / (norm + 1e-6), at most 1), for a mix of sharded and plain tensors.
     """
-    sharded = torch.zeros((), dtype=torch.float64)
-    plain = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        if dist.is_sharded(p.grad):
-            sharded += p.grad.to_local().double().pow(2).sum().cpu()
-        else:
-            plain += p.grad.double().pow(2).sum().cpu()
-    norm = (dist.sum(float(sharded)) + float(plain)) ** 0.5
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [dist.local(g) for g in grads if dist.is_sharded(g)]
+    plain = [g for g in grads if not dist.is_sharded(g)]
+
+    def squares(tensors) -> float:  # one device sync per kind, not one per tensor
+        if not tensors:
+            return 0.0
+        norms = torch._foreach_norm(tensors)
+        return float(torch.stack([n.double() for n in norms]).pow(2).sum())
+
+    norm = (dist.sum(squares(sharded)) + squares(plain)) ** 0.5
     coef = min(1.0, max_norm / (norm + 1e-6))
     if coef < 1.0:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        torch._foreach_mul_(sharded + plain, coef)
     return norm
 
 
@@ -218,13 +217,24 @@ def train(
         [p for p in plist if dist.is_sharded(p)],
         [p for p in plist if not dist.is_sharded(p)],
     ]
+    # foreach: one (DTensor) dispatch per list op instead of one per parameter
     opt = torch.optim.AdamW(
         [{"params": g} for g in groups if g],
         lr=config.lr,
         betas=config.betas,
         weight_decay=config.weight_decay,
+        foreach=True,
     )
     ema = {n: params[n].detach().clone() for n in names} if config.ema else None
+    # the EMA works on each rank's shards (views that the optimizer updates in place)
+    ema_pairs = (
+        (
+            [dist.local(ema[n]) for n in names],
+            [dist.local(params[n].detach()) for n in names],
+        )
+        if ema is not None
+        else None
+    )
     result = TrainResult(steps=config.steps)
     start = 0
     ckpt = Path(ckpt_path) if ckpt_path is not None else None
@@ -289,11 +299,10 @@ def train(
             if config.grad_clip is not None:
                 clip_grad_norm(plist, config.grad_clip, dist)
             opt.step()
-            if ema is not None:
+            if ema_pairs is not None:
                 decay = min(config.ema, (1 + step) / (10 + step))
                 with torch.no_grad():
-                    for n in names:
-                        ema[n].lerp_(params[n].detach(), 1 - decay)
+                    torch._foreach_lerp_(*ema_pairs, 1 - decay)
             result.losses.append(loss_value)
             done = step + 1
             consistent = True
