@@ -111,8 +111,10 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(
     meta = json.loads((run / "lora" / "ckpt" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["world_size"] == 1
 
-    # ... and finished by 2 processes with 2 micro-batches each (one row per micro-batch)
+    # ... and finished by 2 processes with 2 micro-batches each (one row per micro-batch) and
+    # activation checkpointing (recomputed blocks under FSDP: still the same gradients)
     argv = chain_args(flux_inputs, run, *COMMON, "--resume", "--grad-accum", "2", "--json")
+    argv.append("--grad-checkpoint")
     res = torchrun(argv)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count('"model":') == 1  # rank 0 alone prints (and writes)
