@@ -8,9 +8,11 @@ weights) and trains one stage twice with ``python -m dcgen_quant adapt``: once i
 once under ``torchrun --standalone --nproc-per-node 2``; every process single-threaded
 (``OMP_NUM_THREADS=1``), so two ranks use two cores where one process used one. The global
 batch is the same, so both runs take the same steps (their final weights are compared); each
-rank computes half of every batch. Reported: the stage's training time (``seconds`` in
-``adapt.json``: model build to gathered parameters, no process start-up or data encoding), the
-whole command's wall time, and the ratio 2 processes / 1 process (ideal 0.5).
+rank computes half of every batch. A control runs two independent single processes at once, each
+with half the batch and no communication: what the machine lets two processes do. Reported: the
+stage's training time (``seconds`` in ``adapt.json``: model build to gathered parameters, no
+process start-up or data encoding), the whole command's wall time, and the ratios 2 processes /
+1 process (ideal 0.5) and control / 1 process (0.5 on an idle 2-core machine).
 
 Timings need an otherwise idle machine with at least 2 cores; the load average is recorded.
 """
@@ -46,17 +48,31 @@ def build_inputs(root: Path) -> dict[str, str]:
     return {k: str(root / k) for k in ("data", "heldout", "base_ae", "target_ae", "base")}
 
 
-def _run(cmd: list[str], out: Path) -> dict:
+def _env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _run_all(cmds: list[tuple[list[str], Path]]) -> list[dict]:
+    """Start the commands at once, wait for all; (wall seconds, adapt.json) of each."""
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])}... failed:\n{res.stderr[-2000:]}")
-    state = json.loads((out / "adapt.json").read_text())
-    return {"wall_s": round(wall, 2), "state": state}
+    procs = []
+    for cmd, path in cmds:
+        path.mkdir(parents=True, exist_ok=True)
+        log = open(path.with_suffix(".log"), "w")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=log, env=_env()), log))
+    out = []
+    for (cmd, path), (proc, log) in zip(cmds, procs):
+        proc.wait()
+        log.close()
+        if proc.returncode != 0:
+            tail = path.with_suffix(".log").read_text()[-2000:]
+            raise RuntimeError(f"{' '.join(cmd[:6])}... failed:\n{tail}")
+        state = json.loads((path / "adapt.json").read_text())
+        out.append({"wall_s": round(time.perf_counter() - t0, 2), "state": state})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         for n, launcher in launchers.items():
             out = tmp / f"run{n}"
-            results[n] = _run([*launcher, *common, "--out", str(out)], out)
+            (results[n],) = _run_all([([*launcher, *common, "--out", str(out)], out)])
             results[n]["params"] = load_file(str(out / args.stage / "params.safetensors"))
+        # control: two independent single processes at once, half the batch each (what the
+        # machine allows two processes to do with no communication at all)
+        half = [a if a != str(args.batch_size) else str(args.batch_size // 2) for a in common]
+        pair = [([*launchers[1], *half, "--out", str(tmp / f"half{i}")], tmp / f"half{i}")
+                for i in range(2)]  # fmt: skip
+        control = _run_all(pair)
     a, b = results[1]["params"], results[2]["params"]
     max_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     rows = []
@@ -106,7 +128,17 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_s": results[n]["wall_s"],
             }
         )
+    rows.append(
+        {
+            "processes": "2 independent",
+            "threads": 1,
+            "rows_per_process": args.batch_size // 2,
+            "stage_s": max(c["state"]["stages"][args.stage]["seconds"] for c in control),
+            "wall_s": max(c["wall_s"] for c in control),
+        }
+    )
     ratio = rows[1]["stage_s"] / rows[0]["stage_s"]
+    ideal = rows[2]["stage_s"] / rows[0]["stage_s"]
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu_count": os.cpu_count(),
@@ -118,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args),
         "runs": rows,
         "ratio_2_over_1": round(ratio, 3),
+        "ratio_independent_over_1": round(ideal, 3),
         "max_abs_weight_difference": max_diff,
     }
     title = (
         f"stage {args.stage}, {args.steps} steps of batch {args.batch_size} at "
-        f"{args.resolution} px, tiny FLUX; 2 processes / 1 process = {ratio:.3f}"
+        f"{args.resolution} px, tiny FLUX; 2 processes / 1 process = {ratio:.3f} (two "
+        f"independent half-batch processes at once / 1 process = {ideal:.3f})"
     )
     cols = [
         ("processes", "processes", None),
