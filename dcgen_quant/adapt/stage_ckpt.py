@@ -105,7 +105,10 @@ def load(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NO_PG_WARNING)
             dcp.load(tensors, checkpoint_id=str(path))
-    except Exception as exc:  # DCP raises its own exception types (CheckpointException, ...)
-        first = str(exc).strip().splitlines()
-        reason = next((line.strip() for line in first if line.strip()), type(exc).__name__)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+        # its message is every rank's traceback; the last line names the cause
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(exc).__name__
         raise ValueError(f"ckpt_path: {path} cannot be loaded into this stage: {reason}") from exc

@@ -180,3 +180,65 @@ def test_non_finite_loss_is_an_error():
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_foreign_damaged_or_legacy_checkpoints_are_one_line_errors(tmp_path):
+    model, params, fn = problem()
+    cfg = TrainConfig(steps=2, lr=1e-3)
+    ckpt = tmp_path / "ckpt"
+    (tmp_path / "ckpt.pt").write_bytes(b"an old single-file checkpoint")
+    with pytest.raises(ValueError, match="ckpt.pt is a checkpoint of an earlier version"):
+        train("t", params, fn, cfg, ckpt_path=ckpt, resume=True, progress=False)
+    (tmp_path / "ckpt.pt").unlink()
+    ckpt.mkdir()
+    (ckpt / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="is not a stage checkpoint"):
+        train("t", params, fn, cfg, ckpt_path=ckpt, resume=True, progress=False)
+    import shutil
+
+    shutil.rmtree(ckpt)
+    train("t", params, fn, cfg, ckpt_path=ckpt, progress=False)
+    # the same stage name and hyperparameters, another model: the tensors do not fit
+    other = torch.nn.Linear(7, 3)
+    with pytest.raises(ValueError, match="cannot be loaded into this stage"):
+        train(
+            "t",
+            dict(other.named_parameters()),
+            lambda s, g: other(torch.randn(2, 7, generator=g)).sum(),
+            TrainConfig(steps=3, lr=1e-3),
+            ckpt_path=ckpt,
+            resume=True,
+            progress=False,
+        )
+    (ckpt / "meta.json").write_text("{")
+    with pytest.raises(ValueError, match="meta.json is unreadable"):
+        train("t", params, fn, TrainConfig(steps=3, lr=1e-3), ckpt_path=ckpt, resume=True)
+
+
+def test_grad_accum_splits_the_batch_without_changing_the_steps(tmp_path):
+    def run(accum):
+        model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for m in model:
+                if isinstance(m, torch.nn.Linear):
+                    m.reset_parameters()
+        seen = []
+
+        def loss_fn(step, gen, rows):
+            x = torch.randn(6, 7, generator=gen)[rows]  # the whole batch drawn, rows kept
+            seen.append(len(rows))
+            return torch.mean(torch.tanh(model(x)) ** 2)
+
+        cfg = TrainConfig(steps=5, lr=1e-2, batch_size=6, grad_clip=0.5, grad_accum=accum)
+        res = train("t", dict(model.named_parameters()), loss_fn, cfg, split_batch=True)
+        return weights(model), res.losses, seen
+
+    w1, l1, seen1 = run(1)
+    w3, l3, seen3 = run(4)
+    assert seen1 == [6] * 5 and seen3 == [2, 2, 1, 1] * 5
+    assert l3 == pytest.approx(l1, rel=1e-6)
+    for n in w1:
+        torch.testing.assert_close(w3[n], w1[n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="grad_accum: got 7"):
+        run(7)
