@@ -120,3 +120,16 @@ def test_a_plan_that_does_not_fit_is_refused_before_training(flux_inputs, tmp_pa
     assert line.startswith("error: memory: stage head needs about") and "--grad-checkpoint" in line
     assert "memory plan per device" in err  # the plan was printed first
     assert not (out / "head").exists()  # nothing trained
+
+
+def test_scale_flag_errors_are_one_line(flux_inputs, tmp_path, capsys):
+    cases = [
+        (["--grad-accum", "0"], "--grad-accum: got 0"),
+        (["--memory-limit", "-2"], "--memory-limit: got -2.0"),
+    ]
+    for extra, message in cases:
+        code, _, err = run_cli(chain_args(flux_inputs, tmp_path / "o", *extra), capsys)
+        assert code == 2 and err.startswith("error: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["adapt", "--demo", "--no-report", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--no-report" in err
