@@ -339,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    from dcgen_quant.cli import _quiet_library_logs
+
+    _quiet_library_logs()  # diffusers warns on every .to(dtype) of a model built here
     env = environment()
     plan_rows: list[dict] = []
     if not args.quick:

@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="default 8 (dry run 2)")
     ap.add_argument("--steps", type=int, default=None, help="default 5 (dry run 2)")
     args = ap.parse_args(argv)
+    from dcgen_quant.cli import _quiet_library_logs
+
+    _quiet_library_logs()  # diffusers warns on every .to(dtype) of a model built here
     args.blocks = tuple(args.blocks or ((1, 1) if args.dry_run else (2, 4)))
     args.batch = args.batch or (2 if args.dry_run else 8)
     args.steps = args.steps or (2 if args.dry_run else 5)
