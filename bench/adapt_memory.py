@@ -305,6 +305,22 @@ CHECK_COLUMNS = [
 ]
 
 
+LEGEND = """\
+- Plan rows: GiB per GPU. `weights`: frozen weights (bf16; blocks sharded over the GPUs);
+  `gather`: FSDP's unsharded copies of two blocks plus one block's float32 gradients;
+  `train state`: trainable parameters, gradients, AdamW (two moments and one foreach
+  temporary) and EMA, float32; `act` / `act ckpt`: activation peak without / with activation
+  checkpointing (the stage's step simulated on the meta device, CUDA autocast rules); `fits`:
+  total <= 80 GiB less the plan's 4 GiB headroom. Per GPU = the global batch / GPUs.
+- Check rows: the plan (CPU autocast rules) of the measured model against its second training
+  step on this CPU. `measured act`: the peak of the live tensors the step creates (the tracker
+  the plan simulates with, here on real tensors), less the gradients; `measured total`: that
+  peak plus weights, trainable parameters, EMA and AdamW moments. `step RSS rise`: VmHWM after
+  the step less VmRSS before it; lower than the live peak because memory that the first step
+  freed stays in the process and the second step reuses it.
+"""
+
+
 def environment() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -380,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# DC-Gen post-training memory ({env['date']})\n\n"
         f"`python -m dcgen_quant.bench.adapt_memory{' --quick' if args.quick else ''}` on "
         f"{env['cpu']} ({env['cpu_count']} cores, load average {env['load_average']}), torch "
-        f"{env['torch']}.\n\n```\n{text}\n```\n"
+        f"{env['torch']}.\n\n```\n{text}\n```\n\n{LEGEND}"
     )
     atomic_write_text(stem.with_suffix(".md"), md)
     if args.json:
