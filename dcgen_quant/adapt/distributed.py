@@ -40,6 +40,14 @@ from torch import nn
 # gradients, so the warning is silenced here.
 _VIEW_WARNING = r"FSDP2-wrapped module .* returned a view tensor"
 
+try:  # public since torch 2.5
+    from torch.distributed.tensor import DTensor as _DTENSOR
+except ImportError:  # pragma: no cover - older torch, or torch built without distributed
+    try:
+        from torch.distributed._tensor import DTensor as _DTENSOR
+    except ImportError:
+        _DTENSOR = None
+
 
 def env_world_size() -> int:
     """WORLD_SIZE from torchrun's environment (1 when not started by torchrun)."""
@@ -130,7 +138,10 @@ class Dist:
         """
         if not self.distributed:
             return model.to(self.device)
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch < 2.6 keeps FSDP2 under its private name
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
         warnings.filterwarnings("ignore", message=_VIEW_WARNING)
         policy = MixedPrecisionPolicy(
@@ -144,9 +155,7 @@ class Dist:
 
     @staticmethod
     def is_sharded(tensor: torch.Tensor) -> bool:
-        from torch.distributed.tensor import DTensor
-
-        return isinstance(tensor, DTensor)
+        return _DTENSOR is not None and isinstance(tensor, _DTENSOR)
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a sharded tensor (a view), or the tensor itself."""
