@@ -13,7 +13,8 @@
 #   GPU_CHECK_BUDGET_S  total seconds for all stages (default 540)
 #   GPU_CHECK_MAX_STAGE_S  upper bound on any one stage's time box (default: none)
 #   GPU_CHECK_SKIP      comma-separated stages to skip (env,wheels,build,cmake,gpu_tests,
-#                       kernel_bench,latency,gpu_interop,quantizer_speed); default "cmake"
+#                       kernel_bench,latency,gpu_interop,gpu_adapt,quantizer_speed); default
+#                       "cmake"
 #   PYTHON              interpreter (default python3)
 #   WHEEL_DIR           carried wheels (default .whl; see bench/fetch_gpu_wheels.sh)
 #   DCGEN_QUANT_CUDA_ARCHS, DCGEN_QUANT_SKIP_CUDA   passed through to the CUDA build (default
@@ -179,6 +180,9 @@ else
     stage latency "$lat_limit" "$PY -m dcgen_quant bench table --measured --budget-s $lat_budget \
         --out '$OUTDIR/latency'"
 fi
+
+# --- DC-Gen stage 3 at full width, with and without checkpointing: step time, peak vs plan -------
+stage gpu_adapt 150 "$PY -m dcgen_quant.bench.gpu_adapt --out '$OUTDIR/gpu_adapt'$( ((DRY)) && echo ' --dry-run')"
 
 # --- quantizer speed (quantizer engineer's module), last: least GPU-specific --------------------
 if has_module dcgen_quant.bench.quantizer_speed; then
