@@ -61,8 +61,10 @@ class QuantConfig:
     nunchaku_compatible: bool = False
     """Produce checkpoints that ``convert --to nunchaku`` exports without changing a value:
     AdaLayerNorm (W4A16) layers in INT4 group 64 (Nunchaku runs them as AWQ INT4, also in NVFP4
-    models) with codes in -7..7 (its zero point 7 cannot hold -8). Requires ``unsigned_gelu``
-    and ``weight_only_adanorm``: Nunchaku's INT4 GELU inputs are unsigned, its adaLN W4A16."""
+    models) with codes in -7..7 (its zero point 7 cannot hold -8), and FLUX adaLN biases rounded
+    so that the ``b + 1`` Nunchaku stores for the scale chunks is exact in 16 bits. Requires
+    ``unsigned_gelu`` and ``weight_only_adanorm``: Nunchaku's INT4 GELU inputs are unsigned, its
+    adaLN W4A16."""
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -435,6 +435,9 @@ def quantize_weight_only(
     x = x.detach().float()
     check_finite(x, f"layer {spec.name}: calibration inputs")
     bias = spec.bias is not None
+    bias_value = spec.bias
+    if config.nunchaku_compatible and bias:
+        bias_value = _nunchaku_exact_bias(spec.name, spec.bias, config.dtype)
 
     def build(qw):
         if config.nunchaku_compatible:
@@ -443,7 +446,7 @@ def quantize_weight_only(
             "w4a16", spec.conv, spec.in_features, spec.out_features, 0, bias, fmt,
             config.dtype, spec.weight.device,
         )  # fmt: skip
-        _fill_weight(module, qw, spec.bias)
+        _fill_weight(module, qw, bias_value)
         return module
 
     rtn = build(quantize_weight(spec.weight, fmt, config.dtype))
@@ -464,6 +467,20 @@ def quantize_weight_only(
         seconds=time.perf_counter() - start,
     )  # fmt: skip
     return module, report
+
+
+def _nunchaku_exact_bias(name: str, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bias [N] of FLUX adaLN linear ``name`` in ``dtype``, rounded so that Nunchaku's
+    stored ``b + 1`` (its scale chunks carry the +1 of ``x * (1 + scale)``) is exact in 16
+    bits; other layers' bias unchanged. A change of at most half a 16-bit step of ``b + 1``,
+    which Nunchaku's format makes anyway, made here so the export changes no value."""
+    from ..interop.nunchaku.flux import adanorm_chunks
+    from ..interop.nunchaku.packing import exact_adanorm_bias
+
+    chunks = adanorm_chunks(name)
+    if chunks is None:
+        return bias
+    return exact_adanorm_bias(bias.to(dtype), chunks)
 
 
 def _without_code_minus_8(qw: QuantizedWeight) -> QuantizedWeight:

@@ -76,7 +76,7 @@ def test_cli_exports_and_reports_json(base, tmp_path, capsys):
     assert rc == 0 and out.is_file()
     row = json.loads(stdout)
     assert row["format"] == "int4" and row["rank"] == 32 and row["tensors"] == 224
-    assert {c["kind"] for c in row["changes"]} <= {"adaln-bias-fold", "awq-zero"}
+    assert {c["kind"] for c in row["changes"]} <= {"awq-zero"}
     # converting again overwrites our own export; a foreign file is never overwritten
     assert convert(capsys, base, out)[0] == 0
     foreign = tmp_path / "weights.safetensors"

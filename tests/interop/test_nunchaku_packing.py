@@ -131,6 +131,34 @@ def test_awq_round_trip(o, i, chunks):
     assert torch.equal(P.unfold_adanorm_bias(folded, chunks), exact)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunks", [6, 3])
+def test_exact_adanorm_bias(dtype, chunks):
+    """The rounded bias survives fold + unfold bit for bit; it moves only scale-chunk values,
+    each by at most one 16-bit step of ``b + 1``; biases spanning -3..3 (b + 1 < 0.5 too)."""
+    g = _gen(chunks)
+    b = (torch.randn(chunks * 40, generator=g) * torch.logspace(-4, 0.5, chunks * 40)).to(dtype)
+    r = P.exact_adanorm_bias(b, chunks)
+    assert r.dtype == dtype and not torch.equal(r, b)
+    assert torch.equal(P.unfold_adanorm_bias(P.fold_adanorm_bias(r, chunks), chunks), r)
+    assert torch.equal(P.exact_adanorm_bias(r, chunks), r)
+    moved = (r != b).reshape(chunks, -1).any(dim=1).tolist()
+    assert moved == [j in (1, chunks - 2) for j in range(chunks)]
+    step = torch.finfo(dtype).eps * (b.double() + 1).abs().clamp(min=1)
+    assert bool(((r.double() - b.double()).abs() <= step).all())
+
+
+def test_adanorm_chunks():
+    from dcgen_quant.interop.nunchaku.flux import adanorm_chunks
+
+    assert adanorm_chunks("transformer_blocks.3.norm1.linear") == 6
+    assert adanorm_chunks("transformer.transformer_blocks.0.norm1_context.linear") == 6
+    assert adanorm_chunks("single_transformer_blocks.12.norm.linear") == 3
+    for other in ("transformer_blocks.3.attn.to_q", "norm_out.linear", "x.norm1.linear",
+                  "single_transformer_blocks.0.norm1.linear"):  # fmt: skip
+        assert adanorm_chunks(other) is None, other
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="shape"):
         P.unpack_qweight(torch.zeros(128, 64, dtype=torch.int8), 100, 300)

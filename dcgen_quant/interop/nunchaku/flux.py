@@ -10,6 +10,7 @@ block's ``out_proj`` and ``mlp_fc2`` are the column parts of diffusers' ``proj_o
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,16 @@ def blocks(model: nn.Module) -> list[tuple[str, BlockSpec]]:
     for attr in (DOUBLE, SINGLE):
         out += [(f"{attr}.{i}", SPECS[attr]) for i in range(len(getattr(model, attr)))]
     return out
+
+
+def adanorm_chunks(name: str) -> int | None:
+    """Chunk count of the FLUX adaLN linear ``name`` (diffusers names, any prefix:
+    ``transformer.transformer_blocks.3.norm1.linear`` -> 6, ``single_transformer_blocks.0.norm.
+    linear`` -> 3), None for any other layer."""
+    match = re.search(rf"(?:^|\.)({DOUBLE}|{SINGLE})\.\d+\.(.+)$", name)
+    if match is None:
+        return None
+    return next((a.chunks for a in SPECS[match[1]].awq if a.name == match[2]), None)
 
 
 def layer_shape(block: nn.Module, spec: W4A4Spec) -> tuple[int, int, list[int]]:

@@ -515,3 +515,16 @@ def unfold_adanorm_bias(bias: torch.Tensor, chunks: int) -> torch.Tensor:
     logical = deinterleave_adanorm(bias, chunks).double().reshape(chunks, o // chunks)
     delta = _scale_chunks(chunks).to(bias.device)
     return (logical - delta[:, None]).reshape(o).to(bias.dtype)
+
+
+def exact_adanorm_bias(bias: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The logical adaLN bias [O] nearest to ``bias`` whose folded ``b + 1`` is exact in
+    ``bias.dtype``: :func:`unfold_adanorm_bias` of :func:`fold_adanorm_bias` repeated until
+    nothing changes (once in practice; at most 4 times). Nunchaku's format stores exactly these
+    values, so a checkpoint holding them exports and imports back bit for bit."""
+    for _ in range(4):
+        back = unfold_adanorm_bias(fold_adanorm_bias(bias, chunks), chunks)
+        if torch.equal(back, bias):
+            return bias
+        bias = back
+    raise ValueError("adaLN bias: b + 1 did not settle to 16-bit exact values")
