@@ -71,7 +71,8 @@ def main() -> None:
         with torch.no_grad():
             y = loaded(**x).sample
         tensors = {f"input.{k}": v for k, v in x.items()}
-        save_file({**tensors, "output": y}, str(HERE / f"legacy_v{version}_{fmt}.outputs.safetensors"))
+        outputs = HERE / f"legacy_v{version}_{fmt}.outputs.safetensors"
+        save_file({**tensors, "output": y}, str(outputs))
         print(path, path.stat().st_size, "bytes")
 
 
