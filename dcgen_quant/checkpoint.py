@@ -13,37 +13,52 @@ quantized layer's tensors, and the checksums, and fails with a message naming th
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
-from collections.abc import Iterator
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .atomic import TargetExistsError, atomic_path, atomic_write_text, check_target
-from .checkpoint_files import _open, _Reader
+from .atomic import TargetExistsError, atomic_path, atomic_write_text, check_target, check_writable
+from .checkpoint_files import (
+    SAFETENSORS_NAMES,
+    CheckpointFiles,
+    check_values,
+    read_header,
+    save_safetensors,
+)
+from .checkpoint_files import crc32 as _crc32
+from .checkpoint_model import (
+    _jsonable,
+    check_model_config,
+    check_model_matches,
+    check_structure,
+    install_layers,
+    skeleton,
+)
 from .checkpoint_schema import (  # noqa: F401  (re-exported: the public checkpoint API)
     _KIND_OF,
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_NAME,
+    INTEGRITY_KEY,
     LAYER_KINDS,
     READABLE_VERSIONS,
     CheckpointError,
-    _crc32,
-    _dtype_from_name,
+    TensorSpec,
     _dtype_name,
-    _expected_layer_tensors,
-    _validate_tensor,
+    check_integrity,
+    decode_metadata,
     format_version_for,
-    read_metadata,
+    integrity_record,
+    validate,
 )
-from .nn import SVDQLinear, SVDQSplitLinear
+from .nn import SVDQSplitLinear
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -106,15 +121,7 @@ def _model_description(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, torch.dtype):
-        return _dtype_name(value)
-    return str(value)
-
-
-def _build_metadata(model, config, report, checksums) -> dict[str, str]:
+def _build_metadata(model, config, report, tensors) -> dict[str, str]:
     layers = quantized_layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers; run quantize_model first")
@@ -129,10 +136,15 @@ def _build_metadata(model, config, report, checksums) -> dict[str, str]:
         "model": _model_description(model),
         "layers": layers,
         "calibration": report_dict,
-        "checksums": checksums,
+        "checksums": {k: _crc32(t) for k, t in tensors.items()},
     }
     # safetensors metadata is str -> str: every value is JSON except the plain format name
-    return {k: v if k == "format" else json.dumps(v) for k, v in fields.items()}
+    metadata = {k: v if k == "format" else json.dumps(v) for k, v in fields.items()}
+    # the header checksum covers the values as every reader decodes them
+    decoded = {k: v if k == "format" else json.loads(v) for k, v in metadata.items()}
+    table = {k: [SAFETENSORS_NAMES[t.dtype], list(t.shape)] for k, t in tensors.items()}
+    metadata[INTEGRITY_KEY] = json.dumps(integrity_record(decoded, table))
+    return metadata
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,14 +210,13 @@ def save_quantized(
 
     with unfused(model):  # checkpoints hold the member projections, never the fused ones
         tensors = _tensors_for_saving(model)
-        checksums = {k: _crc32(t) for k, t in tensors.items()}
-        metadata = _build_metadata(model, config, report, checksums)
+        metadata = _build_metadata(model, config, report, tensors)
     path = Path(path)
     shards = _shards(tensors, max_shard_bytes)
     if path.suffix == ".safetensors" and len(shards) == 1:
         check_output(path)
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            save_safetensors(tensors, tmp, metadata, path)
         return path
     if path.suffix == ".safetensors":
         raise CheckpointError(
@@ -217,7 +228,7 @@ def save_quantized(
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": FORMAT_NAME})
+            save_safetensors(shard, tmp / name, {"format": FORMAT_NAME}, path / name)
             weight_map.update(dict.fromkeys(shard, name))
         index = {"metadata": metadata, "weight_map": weight_map}
         atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=1))
@@ -247,18 +258,19 @@ def check_output(path: str | Path, directory: bool | None = None) -> Path:
     check_target(path, directory, replaceable=_is_checkpoint_dir)
     if not directory and path.is_file():
         try:
-            foreign = (_open(path).metadata() or {}).get("format") != FORMAT_NAME
+            foreign = read_header(path)[1].get("format") != FORMAT_NAME
         except CheckpointError:
             foreign = True
         if foreign:
             raise TargetExistsError(
                 f"{path} exists and is not a dcgen_quant checkpoint; refusing to overwrite it"
             )
+    check_writable(path)
     return path
 
 
 # --------------------------------------------------------------------------------------------
-# read + validate
+# read + validate (one pipeline for load_quantized and inspect)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -268,114 +280,76 @@ def is_checkpoint(path: str | Path) -> bool:
     return (path.is_file() and path.suffix == ".safetensors") or (path / INDEX_NAME).is_file()
 
 
+@dataclass
+class OpenedCheckpoint:
+    """A checkpoint whose headers passed every check (no tensor data read yet)."""
+
+    files: CheckpointFiles
+    meta: dict[str, Any]  # decoded metadata
+    specs: dict[str, TensorSpec]  # the quantized layers' tensors
+    authenticated: bool  # the header checksum was present and matched
+    model: nn.Module | None = None  # the skeleton (parameters on meta, 4-bit layers installed)
+
+
+def _header(path: Path) -> tuple[CheckpointFiles, dict[str, Any], dict, bool]:
+    files = CheckpointFiles(path)
+    meta = decode_metadata(files.raw_metadata, str(path))
+    table = {k: [e.dtype_name, list(e.shape)] for k, e in files.tensors.items()}
+    authenticated = check_integrity(meta, table, str(path))
+    shapes = {k: (e.dtype, e.shape) for k, e in files.tensors.items()}
+    specs = validate(meta, shapes)
+    check_model_config(meta["model"], shapes, meta["layers"])
+    return files, meta, specs, authenticated
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Decoded metadata of a checkpoint, after every header check (no tensor is read)."""
+    return _header(Path(path))[1]
+
+
+def open_checkpoint(path: str | Path, model: nn.Module | None = None) -> OpenedCheckpoint:
+    """Check a checkpoint's headers, metadata and structure; build its model's skeleton.
+
+    Parameters
+    ----------
+    path : checkpoint file or sharded directory
+    model : a model to load into (checked against the metadata); default: one built from the
+        metadata with its parameters on the meta device
+
+    Raises CheckpointError naming the problem; nothing but the meta skeleton is allocated.
+    """
+    path = Path(path)
+    files, meta, specs, authenticated = _header(path)
+    if model is None:
+        model = skeleton(meta["model"], len(files.tensors))
+    else:
+        check_model_matches(model, meta["model"])
+    install_layers(model, meta["layers"])
+    check_structure(model, {k: (e.dtype, e.shape) for k, e in files.tensors.items()}, specs)
+    return OpenedCheckpoint(files, meta, specs, authenticated, model)
+
+
+def read_tensors(opened: OpenedCheckpoint, verify: bool = True, keep: bool = True):
+    """Read every tensor; with ``verify``, check its CRC-32 and its values (finite scales,
+    positive smoothing factors, ...). Returns ``{name: tensor}`` (empty unless ``keep``)."""
+    checksums = opened.meta["checksums"]
+    state = {}
+    for entry, t in opened.files.read():
+        if verify:
+            if checksums[entry.name].lower() != _crc32(t):
+                raise CheckpointError(
+                    f"tensor {entry.name!r} does not match its checksum: the file was altered or "
+                    "corrupted"
+                )
+            spec = opened.specs.get(entry.name)
+            check_values(entry.name, t, spec.rule if spec else "finite")
+        if keep:
+            state[entry.name] = t
+    return state
+
+
 # --------------------------------------------------------------------------------------------
 # load
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init); buffers stay real."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def _model_class(description: dict[str, Any]):
-    import diffusers
-    from diffusers.configuration_utils import ConfigMixin
-
-    name = description.get("class")
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and issubclass(cls, ConfigMixin)):
-        raise CheckpointError(f"metadata 'model.class' {name!r} is not a diffusers model class")
-    return cls
-
-
-def _check_model_matches(model: nn.Module, description: dict[str, Any]) -> None:
-    if type(model).__name__ != description.get("class"):
-        raise CheckpointError(
-            f"checkpoint is for {description.get('class')}, "
-            f"the given model is {type(model).__name__}"
-        )
-    mine = json.loads(json.dumps(dict(getattr(model, "config", {})), default=_jsonable))
-    for key, value in description.get("config", {}).items():
-        if not key.startswith("_") and key in mine and mine[key] != value:
-            raise CheckpointError(
-                f"checkpoint comes from another model: config {key!r} is {value!r} in the "
-                f"checkpoint but {mine[key]!r} in the given model"
-            )
-
-
-def _split_placeholder(name: str, info: dict[str, Any]) -> SVDQSplitLinear:
-    """An SVDQSplitLinear whose parts (rank 0, on meta) the part entries replace."""
-    splits, k = info.get("splits"), info.get("in_features")
-    if (
-        not isinstance(splits, list)
-        or len(splits) < 2
-        or not all(isinstance(s, int) and s > 0 for s in splits)
-        or sum(splits) != k
-    ):
-        raise CheckpointError(
-            f"metadata 'layers' entry {name!r}: splits={splits!r} must be two or more positive "
-            f"ints summing to in_features={k!r}"
-        )
-    dtype = _dtype_from_name(info["dtype"], f"layers.{name}.dtype")
-    n = int(info["out_features"])
-    return SVDQSplitLinear([SVDQLinear(s, n, 0, info["fmt"], False, dtype, "meta") for s in splits])
-
-
-def _install_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    placeholders: dict[str, list[nn.Module]] = {}  # split layer -> its placeholder parts
-    for name, info in layers.items():
-        cls = LAYER_KINDS.get(info.get("kind"))
-        if cls is None:
-            raise CheckpointError(
-                f"metadata 'layers' entry {name!r} has unknown kind {info.get('kind')!r}"
-            )
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(
-                f"layer {name!r} of the checkpoint does not exist in the model"
-            ) from None
-        if cls is SVDQSplitLinear:
-            split = _split_placeholder(name, info)
-            placeholders[name] = list(split.parts)
-            model.set_submodule(name, split)
-            continue
-        kwargs = {"fmt": info["fmt"], "bias": bool(info["bias"])}
-        kwargs["dtype"] = _dtype_from_name(info["dtype"], f"layers.{name}.dtype")
-        if info["kind"].startswith("svdq"):
-            kwargs["rank"] = int(info["rank"])
-        if "act_unsigned" in info:
-            unsigned = info["act_unsigned"]
-            if not info["kind"].startswith("svdq") or not isinstance(unsigned, bool):
-                raise CheckpointError(
-                    f"metadata 'layers' entry {name!r}: act_unsigned={unsigned!r} needs a W4A4 "
-                    "(svdq) layer and a boolean"
-                )
-            kwargs["act_unsigned"] = unsigned
-        try:
-            layer = cls(int(info["in_features"]), int(info["out_features"]), **kwargs)
-        except ValueError as exc:
-            raise CheckpointError(f"metadata 'layers' entry {name!r}: {exc}") from None
-        model.set_submodule(name, layer)
-    for name, originals in placeholders.items():
-        for i, (part, original) in enumerate(zip(model.get_submodule(name).parts, originals)):
-            if part is original or part.in_features != original.in_features:
-                raise CheckpointError(
-                    f"layer {name!r} (svdq_split) has no valid 'layers' entry for its part "
-                    f"{name}.parts.{i}"
-                )
 
 
 def load_quantized(
@@ -396,7 +370,9 @@ def load_quantized(
     device : where the loaded model lives
     layout : nibble layout of ``qweight`` in memory: ``"auto"`` (the preferred layout of the
         backend that will run on ``device``), ``"canonical"`` or a registered layout name
-    verify : check every tensor against its CRC-32
+    verify : check every tensor against its CRC-32 and its values (finite, and positive where
+        the format needs it); ``False`` skips that pass for trusted files (the header, metadata
+        and structure are always checked)
     fuse : run each FLUX attention's q/k/v (and added q/k/v) projections as one layer
         (:func:`dcgen_quant.fusion.fuse_projections`); the outputs do not change
 
@@ -404,42 +380,22 @@ def load_quantized(
     -------
     The model in eval mode, with ``dcgen_quant_config`` / ``dcgen_quant_report`` attached.
     """
-    path = Path(path)
-    reader = _Reader(path)
-    meta = read_metadata(path)
-    description, layers = meta["model"], meta["layers"]
-    if model is None:
-        cls = _model_class(description)
-        config = {k: v for k, v in description.get("config", {}).items() if not k.startswith("_")}
-        with _parameters_on_meta():
-            model = cls.from_config(config)
-    else:
-        _check_model_matches(model, description)
-    _install_layers(model, layers)
-
-    expected: dict[str, tuple] = {}
-    for name, info in layers.items():
-        expected.update(_expected_layer_tensors(name, info))
-    model_keys = set(model.state_dict())
-    file_keys = set(reader.keys())
-    if missing := sorted(model_keys - file_keys):
-        raise CheckpointError(
-            f"checkpoint is missing tensor {missing[0]!r} ({len(missing)} missing)"
+    opened = open_checkpoint(path, model)
+    if not opened.authenticated:
+        warnings.warn(
+            f"{path}: no header checksum (written by dcgen_quant 0.1.0 or earlier): its metadata "
+            "is validated but not authenticated; save it again to add one",
+            stacklevel=2,
         )
-    if unexpected := sorted(file_keys - model_keys):
-        raise CheckpointError(
-            f"checkpoint has tensor {unexpected[0]!r} that the model does not "
-            f"({len(unexpected)} extra)"
-        )
-    state = {}
-    reference = model.state_dict()
-    for key, t in reader.tensors():
-        want = expected.get(key, (tuple(reference[key].shape), t.dtype))
-        _validate_tensor(key, t, want, meta["checksums"], verify)
-        state[key] = t
-    model.load_state_dict(state, strict=True, assign=True)
-    if on_meta := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
-        raise CheckpointError(f"tensor {on_meta[0]!r} was not loaded (still on the meta device)")
+    model = opened.model
+    model.load_state_dict(read_tensors(opened, verify), strict=True, assign=True)
+    for module in model.modules():  # empty non-persistent buffers (dtype markers) made on meta
+        for name, t in list(module._buffers.items()):
+            if t is not None and t.is_meta and t.numel() == 0:
+                module._buffers[name] = torch.empty(t.shape, dtype=t.dtype)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise CheckpointError(f"tensor {name!r} was not loaded (still on the meta device)")
     model.to(device)
     if layout != "canonical":
         _set_layouts(model, layout, torch.device(device))
@@ -449,8 +405,8 @@ def load_quantized(
         fuse_projections(model)
     from .quantize.config import QuantConfig
 
-    model.dcgen_quant_config = QuantConfig.from_dict(meta["quantization_config"])
-    model.dcgen_quant_report = meta.get("calibration")
+    model.dcgen_quant_config = QuantConfig.from_dict(opened.meta["quantization_config"])
+    model.dcgen_quant_report = opened.meta.get("calibration")
     return model.eval()
 
 
