@@ -227,6 +227,12 @@ class CheckpointFiles:
             )
         self.raw_metadata = metadata
         weight_map: dict = index["weight_map"]
+        for key, value in weight_map.items():
+            if not isinstance(value, str):
+                raise CheckpointError(
+                    f"{index_path}: weight_map places tensor {show(key)} in {show(value)}, not a "
+                    "shard file name"
+                )
         shards = {name: shard_path(path, name) for name in sorted(set(weight_map.values()))}
         self.tensors = {}
         for name, shard in shards.items():

@@ -153,8 +153,6 @@ def _rewrite(path, edit_tensors=None, edit_meta=None, reseal=True):
     and (``reseal``) the header checksum recomputed, as a writer with a bug would produce the
     file; so that the checks behind the checksums are what the test reaches."""
     from dcgen_quant.checkpoint import _crc32
-    from dcgen_quant.checkpoint_files import SAFETENSORS_NAMES
-    from dcgen_quant.checkpoint_schema import integrity_record
 
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -167,6 +165,9 @@ def _rewrite(path, edit_tensors=None, edit_meta=None, reseal=True):
     if edit_meta:
         edit_meta(meta)
     if reseal and "integrity" in meta:
+        from dcgen_quant.checkpoint_files import SAFETENSORS_NAMES
+        from dcgen_quant.checkpoint_schema import integrity_record
+
         decoded = {}
         for k, v in meta.items():
             try:

@@ -142,9 +142,11 @@ def _report_json(mse, flow, breakdown, extra: dict) -> str:
 
 def run(args) -> int:
     from ..atomic import atomic_write_text
+    from ..capabilities import check_device
     from .report import save_plot
     from .runner import Context, Inputs, evaluate, run_chain
 
+    check_device(args.device, "--device")  # before any work: one line, not a traceback later
     if args.demo:
         for name in ("base", "base_ae", "target_ae", "data", "heldout"):
             if getattr(args, name) is not None:
