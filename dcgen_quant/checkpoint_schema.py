@@ -143,18 +143,24 @@ def _crc(value: Any) -> str:
 
 
 def integrity_fields(meta: dict[str, Any], table: dict[str, list]) -> dict[str, str]:
-    """A CRC-32 per metadata field (layers, model config keys, quantization settings one by one)
-    and of the tensor table: what lets a mismatch name the field that was edited."""
+    """A CRC-32 per metadata field: what lets a mismatch name the field that was edited.
+
+    Fields are the top-level keys, and inside ``layers``, ``quantization_config``, ``model`` and
+    ``model.config`` each entry (the container itself then covers the names of its entries
+    only), and the tensor table."""
     fields = {}
+
+    def add(path: str, value: Any, split: bool) -> None:
+        if not (split and isinstance(value, dict)):
+            fields[path] = _crc(value)
+            return
+        fields[path] = _crc(sorted(value))  # which entries exist
+        for key, sub in value.items():
+            add(f"{path}.{key}", sub, path in ("model", "model.config") and key == "config")
+
     for key, value in meta.items():
-        if key == INTEGRITY_KEY:
-            continue
-        fields[key] = _crc(sorted(value) if isinstance(value, dict) else value)
-        if key in ("layers", "quantization_config", "model") and isinstance(value, dict):
-            for sub, v in value.items():
-                fields[f"{key}.{sub}"] = _crc(sorted(v) if isinstance(v, dict) else v)
-                if key == "model" and sub == "config" and isinstance(v, dict):
-                    fields.update({f"model.config.{c}": _crc(cv) for c, cv in v.items()})
+        if key != INTEGRITY_KEY:
+            add(key, value, key in ("layers", "quantization_config", "model"))
     fields[TENSOR_TABLE] = _crc(table)
     return fields
 
@@ -188,18 +194,20 @@ def check_integrity(meta: dict[str, Any], table: dict[str, list], where: str) ->
     stored = record["fields"]
     now = integrity_fields(meta, table)
     changed = [k for k in now if k in stored and str(stored[k]).lower() != now[k]]
-    # name the most specific fields: a layer entry rather than 'layers'
-    changed = [k for k in changed if not any(c.startswith(k + ".") for c in changed)]
     added = [k for k in now if k not in stored]
     removed = [k for k in stored if k not in now]
-    added = [k for k in added if not any(a != k and k.startswith(a + ".") for a in added)]
-    removed = [k for k in removed if not any(r != k and k.startswith(r + ".") for r in removed)]
+    # name the most specific fields: a layer entry rather than 'layers' (whose CRC covers the
+    # names of its entries), an added entry rather than what it holds
+    specific = changed + added + removed
+    changed = [k for k in changed if not any(c.startswith(k + ".") for c in specific)]
+    added = [k for k in added if not any(k.startswith(a + ".") for a in added)]
+    removed = [k for k in removed if not any(k.startswith(r + ".") for r in removed)]
     parts = [f"{show(k)} was edited" for k in changed if k != TENSOR_TABLE]
     parts += [f"{show(k)} was added" for k in added] + [f"{show(k)} was removed" for k in removed]
     if TENSOR_TABLE in changed:
         parts.append("the tensor table (names, dtypes, shapes) was edited")
     if not parts:
-        parts = ["metadata 'integrity' itself was edited"]
+        parts = ["'integrity' itself was edited"]
     more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
     raise CheckpointError(
         f"{where}: the header does not match its checksum: metadata {'; '.join(parts[:3])}{more}"

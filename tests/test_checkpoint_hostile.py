@@ -97,10 +97,11 @@ def test_non_finite_or_non_positive_values_are_refused(tmp_path, models, fmt, te
     """Written wrong (the CRCs match the wrong values): the value checks see it."""
     ck = _save(models, fmt, tmp_path / "m.safetensors")
     t = ck.read(tensor)
+    i = min(3, t.numel() - 1)
     if value == "e4m3 NaN":
-        t.reshape(-1).view(torch.uint8)[3] = 0x7F
+        t.reshape(-1).view(torch.uint8)[i] = 0x7F
     else:
-        t.reshape(-1)[3] = value
+        t.reshape(-1)[i] = value
     ck.write(tensor, t)
     ck.reseal()
     _refused(ck.path, tensor, fragment)
@@ -143,7 +144,7 @@ def test_truncated_shard_is_one_line_in_inspect(tmp_path, models):
 
 def test_upper_case_checksums_are_accepted(tmp_path, models):
     ck = _save(models, "int4", tmp_path / "m.safetensors")
-    ck.edit_meta("checksums", lambda c: {k: v.upper() for k, v in c.items()})
+    ck.map_meta("checksums", lambda c: {k: v.upper() for k, v in c.items()})
     ck.reseal()
     model, inputs = models["int4"]
     with torch.no_grad():

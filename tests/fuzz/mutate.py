@@ -119,10 +119,14 @@ class Checkpoint:
         self.set_raw_meta(meta)
 
     def edit_meta(self, key: str, fn) -> None:
-        """Apply ``fn`` to the decoded value of ``key`` (in place, or its return value)."""
+        """Let ``fn`` edit the decoded value of ``key`` in place (its return value is ignored)."""
         value = self.meta(key)
-        out = fn(value)
-        self.set_meta(key, value if out is None else out)
+        fn(value)
+        self.set_meta(key, value)
+
+    def map_meta(self, key: str, fn) -> None:
+        """Replace the decoded value of ``key`` by ``fn(value)``."""
+        self.set_meta(key, fn(self.meta(key)))
 
     # ---------------------------------------------------------------- tensors
 
