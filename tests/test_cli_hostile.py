@@ -26,11 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _one_line(capsys, *fragments) -> str:
+    """The command ended with one line ``error: ...`` naming ``fragments`` (progress bars and
+    warnings may come before it), and no traceback."""
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    last = err.replace("\r", "\n").splitlines()[-1] if err else ""
+    assert last.startswith("error: ") and err.count("error: ") == 1, err
+    assert "Traceback" not in err, err
     for fragment in fragments:
-        assert fragment in err, err
-    return err
+        assert fragment in last, err
+    return last
 
 
 # --------------------------------------------------------------------------------------------

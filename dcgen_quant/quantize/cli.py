@@ -119,6 +119,10 @@ def _json_object(path: Path, spec: str) -> dict:
 def _from_pretrained(cls, path: Path, spec: str, dtype):
     """``cls.from_pretrained`` of a local directory, its failures (missing, truncated or
     foreign weight files, configs it cannot build) reported as one ValueError naming --model."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its errors: reported below
     try:
         return cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
     except Exception as exc:  # diffusers, safetensors and torch raise many types for bad files
@@ -128,6 +132,8 @@ def _from_pretrained(cls, path: Path, spec: str, dtype):
             f"--model {spec!r}: cannot load {getattr(cls, '__name__', cls)} from {path}: "
             f"{type(exc).__name__}: {detail}"
         ) from None
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def check_rank(model, config) -> None:
