@@ -347,7 +347,7 @@ def layer_tensors(layers: dict[str, Any]) -> dict[str, TensorSpec]:
         _need("splits" not in info, f"{key}.splits", info.get("splits"), "absent (not svdq_split)")
         if "part_of" in info:
             _check_part(name, info, layers)
-        elif ".parts." in name and layers.get(name.rpartition(".parts.")[0], {}) is not None:
+        elif ".parts." in name:  # a part of a split layer must say so
             parent = name.rpartition(".parts.")[0]
             if isinstance(layers.get(parent), dict) and layers[parent].get("kind") == "svdq_split":
                 raise CheckpointError(f"metadata {show(key, 160)} lacks 'part_of' ({parent!r})")
