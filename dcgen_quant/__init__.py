@@ -16,11 +16,8 @@ through ``torch.ops`` (other runtimes, torch.compile users) needs no side import
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
 import os
 import sys
-import warnings
 
 __version__ = "0.1.0"
 
@@ -70,16 +67,21 @@ def _register_ops() -> None:
     try:
         importlib.import_module("dcgen_quant.ops")
     except Exception as exc:  # never break the import of torch or of this package
+        import warnings
+
         warnings.warn(f"dcgen_quant ops not registered: {exc}", stacklevel=2)
 
 
-class _RegisterOpsAfterTorch(importlib.abc.MetaPathFinder):
-    """Registers the ops once ``import torch`` has finished (then leaves sys.meta_path)."""
+class _RegisterOpsAfterTorch:
+    """A meta path finder that registers the ops once ``import torch`` has finished, then
+    leaves sys.meta_path. (No importlib.abc base: importing it costs more than this package.)"""
 
     def find_spec(self, name, path=None, target=None):
         if name != "torch":
             return None
         sys.meta_path.remove(self)
+        import importlib.util
+
         spec = importlib.util.find_spec("torch")  # the real finders, this one being gone
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
