@@ -5,10 +5,14 @@ when large. Tensors: every entry of the quantized model's ``state_dict`` (quanti
 their diffusers names: ``<name>.qweight``, ``.wscales``, ``.wtscale``, ``.smooth_factor``,
 ``.proj_down``, ``.proj_up``, ``.bias``; everything else unchanged). Metadata (JSON strings):
 format and version, quantization config, model class + config, the quantized layers, per-layer
-calibration error stats, a CRC-32 per tensor, tool version.
+calibration error stats, a CRC-32 per tensor, tool version, and the header checksum over all of
+it and the tensor table.
 
-Writes are atomic. Loading validates version, metadata, the presence, shape and dtype of every
-quantized layer's tensors, and the checksums, and fails with a message naming the bad key.
+Writes are atomic. Reading is one pipeline for ``load_quantized`` and ``inspect``
+(:func:`open_checkpoint`, :func:`read_tensors`): the files (:mod:`.checkpoint_files`), the
+metadata and header checksum (:mod:`.checkpoint_schema`), the model the config describes and
+its structure (:mod:`.checkpoint_model`), then the tensors' CRCs and values. Every failure is a
+CheckpointError naming the key, tensor or file.
 """
 
 from __future__ import annotations
