@@ -43,6 +43,7 @@ from .checkpoint_model import (
     check_model_matches,
     check_structure,
     install_layers,
+    parameters_on_meta,  # noqa: F401  (for the interop importer's skeletons)
     skeleton,
 )
 from .checkpoint_schema import (  # noqa: F401  (re-exported: the public checkpoint API)
@@ -58,6 +59,7 @@ from .checkpoint_schema import (  # noqa: F401  (re-exported: the public checkpo
     _dtype_name,
     check_integrity,
     decode_metadata,
+    entry_tensors,
     format_version_for,
     integrity_record,
     validate,
@@ -125,7 +127,24 @@ def _model_description(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _build_metadata(model, config, report, tensors) -> dict[str, str]:
+def _build_metadata(
+    model: nn.Module,
+    config,
+    report,
+    checksums: dict[str, str],
+    table: dict[str, list] | None = None,
+) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint of ``model``, sealed with its header checksum.
+
+    Parameters
+    ----------
+    model : the quantized model (its layers may live on the meta device)
+    config, report : QuantConfig / QuantReport or their dicts
+    checksums : ``{tensor: CRC-32}`` of every tensor the file holds (placeholders are fine for
+        a streaming writer that calls :func:`seal_metadata` again once they are known)
+    table : the file's tensor table (:func:`tensor_table`); default: ``model.state_dict()``'s,
+        which is what a checkpoint of ``model`` holds
+    """
     layers = quantized_layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers; run quantize_model first")
@@ -140,15 +159,34 @@ def _build_metadata(model, config, report, tensors) -> dict[str, str]:
         "model": _model_description(model),
         "layers": layers,
         "calibration": report_dict,
-        "checksums": {k: _crc32(t) for k, t in tensors.items()},
+        "checksums": dict(checksums),
     }
     # safetensors metadata is str -> str: every value is JSON except the plain format name
     metadata = {k: v if k == "format" else json.dumps(v) for k, v in fields.items()}
-    # the header checksum covers the values as every reader decodes them
-    decoded = {k: v if k == "format" else json.loads(v) for k, v in metadata.items()}
-    table = {k: [SAFETENSORS_NAMES[t.dtype], list(t.shape)] for k, t in tensors.items()}
-    metadata[INTEGRITY_KEY] = json.dumps(integrity_record(decoded, table))
-    return metadata
+    return seal_metadata(metadata, tensor_table(model.state_dict()) if table is None else table)
+
+
+def tensor_table(tensors) -> dict[str, list]:
+    """``{name: [safetensors dtype name, shape]}`` of ``{name: tensor}`` (meta tensors too):
+    the tensor table the header checksum covers."""
+    return {k: [SAFETENSORS_NAMES[t.dtype], list(t.shape)] for k, t in tensors.items()}
+
+
+def seal_metadata(metadata: dict[str, str], table: dict[str, list]) -> dict[str, str]:
+    """``metadata`` (the str -> str map of a safetensors header) with its header checksum
+    (``integrity``) computed over its values and the tensor table ``table``
+    (:func:`tensor_table`). The checksum's JSON has a fixed length for a given set of keys, so
+    a writer that reserved the header's space can seal again once the CRCs are known."""
+    body = {k: v for k, v in metadata.items() if k != INTEGRITY_KEY}
+    # the checksum covers the values as every reader decodes them
+    decoded = {k: v if k == "format" else json.loads(v) for k, v in body.items()}
+    return {**body, INTEGRITY_KEY: json.dumps(integrity_record(decoded, table))}
+
+
+def _expected_layer_tensors(name: str, info: dict[str, Any]) -> dict[str, tuple]:
+    """``{tensor: (shape, dtype)}`` a ``layers`` entry owns (validated alone: CheckpointError
+    naming the key). Kept for the interop modules; :func:`entry_tensors` has the value rules."""
+    return {k: (s.shape, s.dtype) for k, s in entry_tensors(name, info).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +252,8 @@ def save_quantized(
 
     with unfused(model):  # checkpoints hold the member projections, never the fused ones
         tensors = _tensors_for_saving(model)
-        metadata = _build_metadata(model, config, report, tensors)
+        checksums = {k: _crc32(t) for k, t in tensors.items()}
+        metadata = _build_metadata(model, config, report, checksums, tensor_table(tensors))
     path = Path(path)
     shards = _shards(tensors, max_shard_bytes)
     if path.suffix == ".safetensors" and len(shards) == 1:
@@ -295,7 +334,14 @@ class OpenedCheckpoint:
     model: nn.Module | None = None  # the skeleton (parameters on meta, 4-bit layers installed)
 
 
-def _header(path: Path) -> tuple[CheckpointFiles, dict[str, Any], dict, bool]:
+def open_header(path: str | Path) -> OpenedCheckpoint:
+    """Check a checkpoint's files, metadata, header checksum and model config, as
+    :func:`open_checkpoint` does, without building its model (no tensor is read).
+
+    For readers that take the tensors one by one (``dcgen_quant.interop``): the result's
+    ``files.tensors`` says where each one is, ``specs`` its value rule.
+    """
+    path = Path(path)
     files = CheckpointFiles(path)
     meta = decode_metadata(files.raw_metadata, str(path))
     table = {k: [e.dtype_name, list(e.shape)] for k, e in files.tensors.items()}
@@ -303,12 +349,12 @@ def _header(path: Path) -> tuple[CheckpointFiles, dict[str, Any], dict, bool]:
     shapes = {k: (e.dtype, e.shape) for k, e in files.tensors.items()}
     specs = validate(meta, shapes)
     check_model_config(meta["model"], shapes, meta["layers"])
-    return files, meta, specs, authenticated
+    return OpenedCheckpoint(files, meta, specs, authenticated)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Decoded metadata of a checkpoint, after every header check (no tensor is read)."""
-    return _header(Path(path))[1]
+    return open_header(path).meta
 
 
 def open_checkpoint(path: str | Path, model: nn.Module | None = None) -> OpenedCheckpoint:
@@ -322,31 +368,36 @@ def open_checkpoint(path: str | Path, model: nn.Module | None = None) -> OpenedC
 
     Raises CheckpointError naming the problem; nothing but the meta skeleton is allocated.
     """
-    path = Path(path)
-    files, meta, specs, authenticated = _header(path)
+    opened = open_header(path)
     if model is None:
-        model = skeleton(meta["model"], len(files.tensors))
+        model = skeleton(opened.meta["model"], len(opened.files.tensors))
     else:
-        check_model_matches(model, meta["model"])
-    install_layers(model, meta["layers"])
-    check_structure(model, {k: (e.dtype, e.shape) for k, e in files.tensors.items()}, specs)
-    return OpenedCheckpoint(files, meta, specs, authenticated, model)
+        check_model_matches(model, opened.meta["model"])
+    install_layers(model, opened.meta["layers"])
+    shapes = {k: (e.dtype, e.shape) for k, e in opened.files.tensors.items()}
+    check_structure(model, shapes, opened.specs)
+    opened.model = model
+    return opened
+
+
+def check_tensor(opened: OpenedCheckpoint, name: str, t: torch.Tensor) -> None:
+    """Check tensor ``name`` of ``opened`` against its CRC-32, then its values (finite scales,
+    positive smoothing factors, ...); CheckpointError naming it."""
+    if opened.meta["checksums"][name].lower() != _crc32(t):
+        raise CheckpointError(
+            f"tensor {name!r} does not match its checksum: the file was altered or corrupted"
+        )
+    spec = opened.specs.get(name)
+    check_values(name, t, spec.rule if spec else "finite")
 
 
 def read_tensors(opened: OpenedCheckpoint, verify: bool = True, keep: bool = True):
     """Read every tensor; with ``verify``, check its CRC-32 and its values (finite scales,
     positive smoothing factors, ...). Returns ``{name: tensor}`` (empty unless ``keep``)."""
-    checksums = opened.meta["checksums"]
     state = {}
     for entry, t in opened.files.read():
         if verify:
-            if checksums[entry.name].lower() != _crc32(t):
-                raise CheckpointError(
-                    f"tensor {entry.name!r} does not match its checksum: the file was altered or "
-                    "corrupted"
-                )
-            spec = opened.specs.get(entry.name)
-            check_values(entry.name, t, spec.rule if spec else "finite")
+            check_tensor(opened, entry.name, t)
         if keep:
             state[entry.name] = t
     return state
@@ -368,7 +419,8 @@ def load_quantized(
 
     Parameters
     ----------
-    path : checkpoint file or sharded directory (from :func:`save_quantized`)
+    path : checkpoint file or sharded directory (from :func:`save_quantized`); a Nunchaku
+        FLUX checkpoint or DeepCompressor output folder is imported instead (docs/INTEROP.md)
     model : optional diffusers model of the same class and config to load into (its 16-bit
         target layers are replaced); by default the model is rebuilt from the metadata alone
     device : where the loaded model lives
@@ -384,6 +436,13 @@ def load_quantized(
     -------
     The model in eval mode, with ``dcgen_quant_config`` / ``dcgen_quant_report`` attached.
     """
+    path = Path(path)
+    from .interop.nunchaku.detect import foreign_kind
+
+    if foreign_kind(path):  # a Nunchaku checkpoint or DeepCompressor folder (docs/INTEROP.md)
+        from .interop.nunchaku.importer import load_foreign
+
+        return load_foreign(path, model, device, layout, fuse)
     opened = open_checkpoint(path, model)
     if not opened.authenticated:
         warnings.warn(

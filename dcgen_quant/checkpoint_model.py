@@ -263,9 +263,9 @@ def check_model_config(description: dict[str, Any], table: Table, layers: dict) 
 
 
 @contextlib.contextmanager
-def _parameters_on_meta(limit: int) -> Iterator[None]:
+def parameters_on_meta(limit: int | None = None) -> Iterator[None]:
     """Create parameters on the meta device (no memory, no init); buffers stay real. Stop with a
-    CheckpointError once more than ``limit`` parameters are registered."""
+    CheckpointError once more than ``limit`` parameters are registered (None: no limit)."""
     original = nn.Module.register_parameter
     count = 0
 
@@ -273,7 +273,7 @@ def _parameters_on_meta(limit: int) -> Iterator[None]:
         nonlocal count
         if param is not None:
             count += 1
-            if count > limit:
+            if limit is not None and count > limit:
                 raise CheckpointError(
                     f"metadata 'model.config' describes a model with more parameters than the "
                     f"checkpoint's {limit // 2} tensors (a block count or size was edited?)"
@@ -304,7 +304,7 @@ def skeleton(description: dict[str, Any], n_tensors: int) -> nn.Module:
     cls = model_class(description)
     config = {k: v for k, v in description.get("config", {}).items() if not k.startswith("_")}
     try:
-        with _parameters_on_meta(2 * n_tensors + 64):
+        with parameters_on_meta(2 * n_tensors + 64):
             return cls.from_config(config)
     except CheckpointError:
         raise

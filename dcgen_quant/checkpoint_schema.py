@@ -303,70 +303,82 @@ def layer_tensors(layers: dict[str, Any]) -> dict[str, TensorSpec]:
     """Validate every ``layers`` entry; the tensors each one owns, by name."""
     specs: dict[str, TensorSpec] = {}
     for name, info in layers.items():
-        key = f"layers.{name}"
-        _need(
-            isinstance(name, str) and len(name) <= 400 and _NAME.fullmatch(name) is not None,
-            "layers",
-            name,
-            "module names (dotted identifiers)",
-        )
-        _dict(info, key)
-        if missing := sorted(_LAYER_KEYS - set(info)):
-            raise CheckpointError(f"metadata {show(key, 160)} lacks {show(missing[0])}")
-        if unknown := sorted(set(info) - _LAYER_KEYS - _OPTIONAL_LAYER_KEYS):
-            raise CheckpointError(f"metadata {show(key, 160)} has unknown key {show(unknown[0])}")
-        kind = info["kind"]
-        _need(kind in LAYER_KINDS, f"{key}.kind", kind, f"one of {', '.join(LAYER_KINDS)}")
-        fmt = info["fmt"]
-        _need(fmt in FORMATS, f"{key}.fmt", fmt, f"one of {', '.join(FORMATS)}")
-        spec = FORMATS[fmt]
-        k = _int_in(info["in_features"], f"{key}.in_features", 1, MAX_FEATURES)
-        n = _int_in(info["out_features"], f"{key}.out_features", 1, MAX_FEATURES)
-        _need(
-            k % spec.group_size == 0,
-            f"{key}.in_features",
-            k,
-            f"a multiple of the {fmt} group size {spec.group_size}",
-        )
-        svdq = kind.startswith("svdq")
-        rank = _int_in(info["rank"], f"{key}.rank", 0, min(n, k) if svdq else 0)
-        _need(isinstance(info["bias"], bool), f"{key}.bias", info["bias"], "true or false")
-        dtype = _dtype_from_name(info["dtype"], f"{key}.dtype")
-        if "act_unsigned" in info:
-            unsigned = info["act_unsigned"]
-            _need(isinstance(unsigned, bool), f"{key}.act_unsigned", unsigned, "true or false")
-            _need(
-                not unsigned or (kind == "svdq" and fmt == "int4"),
-                f"{key}.act_unsigned",
-                unsigned,
-                "true only on an int4 W4A4 (svdq) layer",
-            )
-        if kind == "svdq_split":
-            _check_split(name, info, layers)
-            continue  # no tensors of its own
-        _need("splits" not in info, f"{key}.splits", info.get("splits"), "absent (not svdq_split)")
-        if "part_of" in info:
-            _check_part(name, info, layers)
-        elif ".parts." in name:  # a part of a split layer must say so
-            parent = name.rpartition(".parts.")[0]
-            if isinstance(layers.get(parent), dict) and layers[parent].get("kind") == "svdq_split":
-                raise CheckpointError(f"metadata {show(key, 160)} lacks 'part_of' ({parent!r})")
-        scale_dtype = spec.scale_dtype(dtype)
-        owned = {
-            "qweight": TensorSpec((n, k // 2), torch.uint8, None),
-            # scales are >= 0 (a zero scale: an all-zero group)
-            "wscales": TensorSpec((k // spec.group_size, n), scale_dtype, "nonnegative"),
-        }
-        if spec.has_tensor_scale:
-            owned["wtscale"] = TensorSpec((), torch.float32, "positive")
-        if info["bias"]:
-            owned["bias"] = TensorSpec((n,), dtype, "finite")
-        if svdq:
-            owned["smooth_factor"] = TensorSpec((k,), dtype, "positive")  # x is divided by it
-            owned["proj_down"] = TensorSpec((k, rank), dtype, "finite")
-            owned["proj_up"] = TensorSpec((n, rank), dtype, "finite")
-        specs.update({f"{name}.{t}": s for t, s in owned.items()})
+        specs.update(entry_tensors(name, info, layers))
     return specs
+
+
+def entry_tensors(
+    name: str, info: Any, layers: dict[str, Any] | None = None
+) -> dict[str, TensorSpec]:
+    """Validate one ``layers`` entry; the tensors it owns, by name (none for ``svdq_split``).
+
+    ``layers`` is the whole map, for the checks across entries (a split layer and its parts);
+    None checks the entry alone. Raises CheckpointError naming the key.
+    """
+    key = f"layers.{name}"
+    _need(
+        isinstance(name, str) and len(name) <= 400 and _NAME.fullmatch(name) is not None,
+        "layers",
+        name,
+        "module names (dotted identifiers)",
+    )
+    _dict(info, key)
+    if missing := sorted(_LAYER_KEYS - set(info)):
+        raise CheckpointError(f"metadata {show(key, 160)} lacks {show(missing[0])}")
+    if unknown := sorted(set(info) - _LAYER_KEYS - _OPTIONAL_LAYER_KEYS):
+        raise CheckpointError(f"metadata {show(key, 160)} has unknown key {show(unknown[0])}")
+    kind = info["kind"]
+    _need(kind in LAYER_KINDS, f"{key}.kind", kind, f"one of {', '.join(LAYER_KINDS)}")
+    fmt = info["fmt"]
+    _need(fmt in FORMATS, f"{key}.fmt", fmt, f"one of {', '.join(FORMATS)}")
+    spec = FORMATS[fmt]
+    k = _int_in(info["in_features"], f"{key}.in_features", 1, MAX_FEATURES)
+    n = _int_in(info["out_features"], f"{key}.out_features", 1, MAX_FEATURES)
+    _need(
+        k % spec.group_size == 0,
+        f"{key}.in_features",
+        k,
+        f"a multiple of the {fmt} group size {spec.group_size}",
+    )
+    svdq = kind.startswith("svdq")
+    rank = _int_in(info["rank"], f"{key}.rank", 0, min(n, k) if svdq else 0)
+    _need(isinstance(info["bias"], bool), f"{key}.bias", info["bias"], "true or false")
+    dtype = _dtype_from_name(info["dtype"], f"{key}.dtype")
+    if "act_unsigned" in info:
+        unsigned = info["act_unsigned"]
+        _need(isinstance(unsigned, bool), f"{key}.act_unsigned", unsigned, "true or false")
+        _need(
+            not unsigned or (kind == "svdq" and fmt == "int4"),
+            f"{key}.act_unsigned",
+            unsigned,
+            "true only on an int4 W4A4 (svdq) layer",
+        )
+    if kind == "svdq_split":
+        if layers is not None:
+            _check_split(name, info, layers)
+        return {}  # no tensors of its own
+    _need("splits" not in info, f"{key}.splits", info.get("splits"), "absent (not svdq_split)")
+    if layers is not None and "part_of" in info:
+        _check_part(name, info, layers)
+    elif layers is not None and ".parts." in name:  # a part of a split layer must say so
+        parent = name.rpartition(".parts.")[0]
+        if isinstance(layers.get(parent), dict) and layers[parent].get("kind") == "svdq_split":
+            raise CheckpointError(f"metadata {show(key, 160)} lacks 'part_of' ({parent!r})")
+    scale_dtype = spec.scale_dtype(dtype)
+    owned = {
+        "qweight": TensorSpec((n, k // 2), torch.uint8, None),
+        # scales are >= 0 (a zero scale: an all-zero group)
+        "wscales": TensorSpec((k // spec.group_size, n), scale_dtype, "nonnegative"),
+    }
+    if spec.has_tensor_scale:
+        owned["wtscale"] = TensorSpec((), torch.float32, "positive")
+    if info["bias"]:
+        owned["bias"] = TensorSpec((n,), dtype, "finite")
+    if svdq:
+        owned["smooth_factor"] = TensorSpec((k,), dtype, "positive")  # x is divided by it
+        owned["proj_down"] = TensorSpec((k, rank), dtype, "finite")
+        owned["proj_up"] = TensorSpec((n, rank), dtype, "finite")
+    return {f"{name}.{t}": s for t, s in owned.items()}
 
 
 def _check_split(name: str, info: dict[str, Any], layers: dict[str, Any]) -> None:
