@@ -134,6 +134,7 @@ def read_header(path: str | Path) -> Header:
             )
         except (KeyError, TypeError, ValueError, IndexError):
             raise ForeignFormatError(f"{path}: header entry {key!r} is malformed") from None
+        _check_entry(path, key, info)
         tensors[key] = info
     data = size - 8 - n
     for key, info in sorted(tensors.items(), key=lambda kv: kv[1].end):
@@ -142,7 +143,41 @@ def read_header(path: str | Path) -> Header:
                 f"{path} is truncated: tensor {key!r} ends at byte {info.end} of the data, the "
                 f"file holds {data}"
             )
+    # the tensors tile the data buffer, as every safetensors writer lays them out (the
+    # safetensors library refuses anything else): an edited offset that still fits the file
+    # would otherwise read a neighbour's bytes
+    end = 0
+    for key, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != end:
+            raise ForeignFormatError(
+                f"{path}: header entry {key!r} starts at byte {info.start} of the data; the "
+                f"tensors before it end at {end} (overlapping or gapped offsets)"
+            )
+        end = info.end
+    if end != data:
+        raise ForeignFormatError(f"{path}: {data - end} bytes after the last tensor")
     return Header(path, {str(k): str(v) for k, v in metadata.items()}, tensors, 8 + n)
+
+
+def _check_entry(path: Path, key: str, info: TensorInfo) -> None:
+    """Shape and byte range of one header entry agree (before anything is allocated from it:
+    a hostile shape must not reach the allocator, issue 13)."""
+    if any(d < 0 for d in info.shape) or not 0 <= info.start <= info.end:
+        raise ForeignFormatError(
+            f"{path}: header entry {key!r} has shape {list(info.shape)} and byte range "
+            f"{info.start}..{info.end}"
+        )
+    dtype = DTYPES.get(info.dtype)
+    if dtype is None:
+        return  # named by whoever reads it (Header.read, the schema checks)
+    nbytes = dtype.itemsize
+    for d in info.shape:
+        nbytes *= d
+    if nbytes != info.end - info.start:
+        raise ForeignFormatError(
+            f"{path}: header entry {key!r}: {info.dtype} {list(info.shape)} is {nbytes} bytes, "
+            f"its byte range {info.end - info.start}"
+        )
 
 
 class StreamWriter:

@@ -125,6 +125,7 @@ def _svdq(k, n, rank, fmt, dtype, unsigned) -> SVDQLinear:
 def build_plan(source, model: nn.Module | None = None) -> Plan:
     """Install our layers (on the meta device) into ``model`` (default: a skeleton built from
     ``source.config``) and record how every block is converted."""
+    flux.check_config(source.config, source.index, str(source.path))
     model = model if model is not None else _skeleton(source.config)
     fmt, dtype = source.fmt, source.dtype
     _cast(model, dtype)  # the 16-bit modules kept as they are take the checkpoint's dtype
