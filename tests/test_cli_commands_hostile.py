@@ -150,3 +150,21 @@ def test_bench_measured_checks_its_output_before_measuring(tmp_path, capsys, mon
     _one_line(capsys, "not writable")
     assert main(["bench", "table", "--measured", "--tiny", "--budget-s", "-1"]) == 2
     _one_line(capsys, "--budget-s")
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [(["--steps", "-3"], "--steps: got -3"), (["--batch-size", "0"], "--batch-size: got 0"),
+     (["--ckpt-every", "0"], "--ckpt-every: got 0"), (["--lr", "nan"], "--lr: got nan"),
+     (["--lr=-1e-4"], "--lr: got -0.0001"), (["--ema", "1.5"], "--ema: got 1.5"),
+     (["--rank", "0"], "--rank: got 0"), (["--alpha", "inf"], "--alpha")],
+)  # fmt: skip
+def test_adapt_refuses_numbers_out_of_range_before_any_work(tmp_path, capsys, monkeypatch, extra,
+                                                            fragment):  # fmt: skip
+    def no_work(*a, **k):
+        raise AssertionError("adapt started before its flags were checked")
+
+    monkeypatch.setattr("dcgen_quant.adapt.cli._run_demo", no_work)
+    assert main(["adapt", "--demo", "--out", str(tmp_path / "a"), *extra]) == 2
+    _one_line(capsys, fragment)
+    assert not (tmp_path / "a").exists()
