@@ -12,6 +12,7 @@ rewritten in place at the end, once the checksums are known.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
@@ -275,17 +276,19 @@ class StreamWriter:
 
 
 def finite(t: torch.Tensor) -> bool:
-    """No NaN / Inf in ``t``: integers trivially; 16-bit and fp8 floats by their bit patterns
-    (all-ones exponent), which reads the bytes once without a float copy."""
-    masks = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
-    if t.dtype in masks:
-        m = masks[t.dtype]
-        return not bool(((t.view(torch.int16) & m) == m).any())
-    if t.dtype == torch.float8_e4m3fn:  # no Inf; NaN is S.1111.111
+    """No NaN / Inf in ``t``: integers trivially; fp8 by its bit pattern (E4M3: no Inf, NaN is
+    S.1111.111); wider floats by one min/max pass (NaN propagates through aminmax), several
+    times faster on CPU than isfinite or a bit-pattern test over 16-bit tensors."""
+    if t.dtype == torch.float8_e4m3fn:
         return not bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
     if not t.is_floating_point():
         return True
-    return bool(torch.isfinite(t).all())
+    if t.element_size() == 1:  # other 8-bit floats: no CPU min/max
+        return bool(torch.isfinite(t.float()).all())
+    if not t.numel():
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def _numel(shape) -> int:

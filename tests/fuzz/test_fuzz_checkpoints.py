@@ -6,6 +6,7 @@ a hang, or a disagreement between ``inspect`` and ``load_quantized``."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from .mutate import Checkpoint, header_span
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60.0  # per case (a CI machine may be slow; the cases take well under a second)
+PER_CLASS = 6  # cases per class in CI (the whole sweep is the command)
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +37,18 @@ def _run(cases, bases, tmp_path):
 
 
 @pytest.mark.parametrize("cls", list(CLASSES))
-def test_every_case_of_a_class_is_refused_cleanly_or_loads_equal(cls, bases, tmp_path):
+def test_a_fixed_sample_of_each_class_is_refused_cleanly_or_loads_equal(cls, bases, tmp_path):
+    """CI runs a fixed sample (the same cases every run) of each class; the whole sweep of
+    every case is ``python -m tests.fuzz.checkpoints`` (docs/FORMAT.md quotes its table)."""
     (tmp_path / "scratch").mkdir()
     cases = generate(bases, seed=0, scratch=tmp_path / "scratch", classes=[cls])
-    results = _run(cases, bases, tmp_path)
+    assert len(cases) >= 20
+    sample = random.Random(0).sample(cases, PER_CLASS)
+    results = _run(sample, bases, tmp_path)
     bad = [f"{r.outcome}: {r.case.name}: {r.detail}" for r in results if r.outcome not in GOOD]
     assert not bad, "\n".join(bad)
     row = summary(results)[0]
-    assert row["cases"] == len(cases) >= 20
-    assert row.get("refused", 0) > 0
+    assert row["cases"] == PER_CLASS and row.get("refused", 0) > 0
 
 
 def test_the_suite_has_at_least_300_cases_over_int4_nvfp4_single_and_sharded(bases, tmp_path):
@@ -57,7 +62,7 @@ def test_the_suite_has_at_least_300_cases_over_int4_nvfp4_single_and_sharded(bas
 # property tests (hypothesis, derandomized: the same examples every run)
 
 PROPERTY = settings(
-    max_examples=25,
+    max_examples=8,
     deadline=None,
     derandomize=True,
     database=None,
