@@ -209,7 +209,12 @@ def _run_measured(args) -> int:
                 )
     from pathlib import Path
 
+    from dcgen_quant.atomic import check_writable
+
+    if args.budget_s is not None and not args.budget_s > 0:
+        raise ValueError(f"--budget-s: got {args.budget_s}; expected seconds > 0")
     checkpoint = Path(args.out) / "partial-measurement.json"
+    check_writable(checkpoint)  # before the measurements, not after them
     result = measured.measure(
         device, tiny=args.tiny, budget_s=args.budget_s, w4a4=True if args.w4a4 else None,
         progress=not args.json, checkpoint=checkpoint,

@@ -86,8 +86,9 @@ def make_checkpoint(path: Path, fmt: str, seed: int = 0, **overrides) -> dict:
         _model_description,
         format_version_for,
         quantized_layers,
+        seal_metadata,
     )
-    from dcgen_quant.interop.safetensors_stream import StreamingWriter
+    from dcgen_quant.interop.safetensors_stream import SAFETENSORS_DTYPES, StreamingWriter
     from dcgen_quant.models.flux import FLUX
     from dcgen_quant.quantize.config import QuantConfig
 
@@ -147,7 +148,9 @@ def make_checkpoint(path: Path, fmt: str, seed: int = 0, **overrides) -> dict:
             "calibration": {},
             "checksums": checksums,
         }
-        writer.close({k: v if k == "format" else json.dumps(v) for k, v in meta.items()})
+        table = {key: [SAFETENSORS_DTYPES[dtype], list(shape)] for key, dtype, shape in specs}
+        raw = {k: v if k == "format" else json.dumps(v) for k, v in meta.items()}
+        writer.close(seal_metadata(raw, table))  # with the header checksum, as quantize writes
     except BaseException:
         writer.abort()
         raise

@@ -5,13 +5,19 @@ Public API (stable; see DESIGN.md): ``QuantConfig``, ``quantize_linear``, ``quan
 ``save_quantized``, ``load_quantized``, ``SVDQLinear``, ``W4A16Linear``, ``set_backend``,
 ``get_backend`` and the ``adapt`` functions (``surgery``, ``align``, ``align_head``,
 ``finetune_lora``, ``merge``). Names are imported on first use, so ``import dcgen_quant`` is
-cheap and the ops are registered as soon as any of them is touched.
+cheap (it does not import torch).
+
+The custom ops (``torch.ops.dcgen_quant.*``) are registered as soon as both this package and
+torch are imported, in either order: at once if torch is already imported, otherwise right
+after torch's own import finishes (a one-shot import hook), so that code reaching the ops
+through ``torch.ops`` (other runtimes, torch.compile users) needs no side import.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -55,3 +61,42 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(__all__)
+
+
+def _register_ops() -> None:
+    try:
+        importlib.import_module("dcgen_quant.ops")
+    except Exception as exc:  # never break the import of torch or of this package
+        import warnings
+
+        warnings.warn(f"dcgen_quant ops not registered: {exc}", stacklevel=2)
+
+
+class _RegisterOpsAfterTorch:
+    """A meta path finder that registers the ops once ``import torch`` has finished, then
+    leaves sys.meta_path. (No importlib.abc base: importing it costs more than this package.)"""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec("torch")  # the real finders, this one being gone
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader, original = spec.loader, spec.loader.exec_module
+
+        def exec_module(module):
+            original(module)
+            del loader.exec_module  # back to the loader's own method
+            _register_ops()
+
+        loader.exec_module = exec_module  # this loader instance serves torch alone
+        return spec
+
+
+if "torch" in sys.modules:
+    _register_ops()
+elif not any(isinstance(f, _RegisterOpsAfterTorch) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterOpsAfterTorch())

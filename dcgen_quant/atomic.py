@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,28 @@ def check_target(
     return target
 
 
+def check_writable(target: str | os.PathLike) -> Path:
+    """Refuse a target that cannot be written, before any work: the nearest existing ancestor
+    of its folder must be a directory in which a file can be created (a probe file is made and
+    removed, so read-only file systems and missing permissions are both seen). Raises
+    PermissionError / NotADirectoryError naming the path."""
+    target = Path(target)
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {target}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.probe-", dir=folder)
+    except OSError as exc:
+        raise PermissionError(
+            exc.errno, f"cannot write {target}: {folder} is not writable ({exc.strerror})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_path(
     target: str | os.PathLike,
@@ -81,9 +104,11 @@ def atomic_path(
         fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
         os.close(fd)
         tmp = Path(name)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give files the usual mode
     try:
         yield tmp
+        # mkstemp / mkdtemp (and safetensors) create 0600 / 0700; give the result the mode any
+        # new file gets under the umask, as an ordinary write would
+        _usual_mode(tmp)
         if not directory:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -101,6 +126,17 @@ def atomic_path(
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _usual_mode(path: Path) -> None:
+    mask = _umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for child in path.iterdir():
+            if stat.S_ISREG(child.lstat().st_mode):
+                os.chmod(child, 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def _umask() -> int:

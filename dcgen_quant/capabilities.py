@@ -31,6 +31,26 @@ def cuda_unavailable() -> str | None:
     return None
 
 
+def check_device(spec: str, flag: str = "device") -> torch.device:
+    """``torch.device(spec)`` for a CPU or a usable CUDA GPU; ValueError naming ``flag`` and what
+    is missing otherwise (a CPU-only torch build, no GPU visible, a GPU index out of range)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{flag} {spec!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"{flag} {spec!r}: only cpu and cuda devices are supported")
+    if reason := cuda_unavailable():
+        raise ValueError(f"{flag} {spec}: {reason}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"{flag} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
+
+
 def cuda_capability(device: torch.device | int | None = None) -> tuple[int, int] | None:
     """(major, minor) compute capability of ``device``, or None without a GPU."""
     if cuda_unavailable() is not None:

@@ -5,68 +5,71 @@ when large. Tensors: every entry of the quantized model's ``state_dict`` (quanti
 their diffusers names: ``<name>.qweight``, ``.wscales``, ``.wtscale``, ``.smooth_factor``,
 ``.proj_down``, ``.proj_up``, ``.bias``; everything else unchanged). Metadata (JSON strings):
 format and version, quantization config, model class + config, the quantized layers, per-layer
-calibration error stats, a CRC-32 per tensor, tool version.
+calibration error stats, a CRC-32 per tensor, tool version, and the header checksum over all of
+it and the tensor table.
 
-Writes are atomic. Loading validates version, metadata, the presence, shape and dtype of every
-quantized layer's tensors, and the checksums, and fails with a message naming the bad key.
+Writes are atomic. Reading is one pipeline for ``load_quantized`` and ``inspect``
+(:func:`open_checkpoint`, :func:`read_tensors`): the files (:mod:`.checkpoint_files`), the
+metadata and header checksum (:mod:`.checkpoint_schema`), the model the config describes and
+its structure (:mod:`.checkpoint_model`), then the tensors' CRCs and values. Every failure is a
+CheckpointError naming the key, tensor or file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
-import zlib
-from collections.abc import Iterator
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .atomic import TargetExistsError, atomic_path, atomic_write_text, check_target
-from .formats import get_format
-from .nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
+from .atomic import TargetExistsError, atomic_path, atomic_write_text, check_target, check_writable
+from .checkpoint_files import (
+    SAFETENSORS_NAMES,
+    CheckpointFiles,
+    check_values,
+    read_header,
+    save_safetensors,
+)
+from .checkpoint_files import crc32 as _crc32
+from .checkpoint_model import (
+    _jsonable,
+    check_model_config,
+    check_model_matches,
+    check_structure,
+    install_layers,
+    parameters_on_meta,  # noqa: F401  (for the interop importer's skeletons)
+    skeleton,
+)
+from .checkpoint_schema import (  # noqa: F401  (re-exported: the public checkpoint API)
+    _KIND_OF,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    INTEGRITY_KEY,
+    LAYER_KINDS,
+    READABLE_VERSIONS,
+    CheckpointError,
+    TensorSpec,
+    _dtype_name,
+    check_integrity,
+    decode_metadata,
+    entry_tensors,
+    format_version_for,
+    integrity_record,
+    validate,
+)
+from .nn import SVDQSplitLinear
 
-FORMAT_NAME = "dcgen_quant"
-# Version 2 adds unsigned activation codes ("act_unsigned") and split layers ("svdq_split"). A
-# checkpoint is written with the lowest version that holds it, so that readers of version 1 (which
-# would ignore "act_unsigned" and compute wrong outputs) refuse only the files they cannot run.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
-INDEX_NAME = "dcgen_quant.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-LAYER_KINDS: dict[str, type[nn.Module]] = {
-    "svdq": SVDQLinear,
-    "svdq_conv1x1": SVDQConv1x1,
-    "w4a16": W4A16Linear,
-    "w4a16_conv1x1": W4A16Conv1x1,
-    "svdq_split": SVDQSplitLinear,  # a container: its parts are "svdq" entries of their own
-}
-_KIND_OF = {cls: kind for kind, cls in LAYER_KINDS.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is malformed, altered, truncated or does not fit the model."""
-
 
 # --------------------------------------------------------------------------------------------
 # metadata
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _dtype_from_name(name: str, key: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"metadata {key!r}: unknown dtype {name!r}")
-    return dtype
 
 
 def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -124,24 +127,24 @@ def _model_description(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, torch.dtype):
-        return _dtype_name(value)
-    return str(value)
+def _build_metadata(
+    model: nn.Module,
+    config,
+    report,
+    checksums: dict[str, str],
+    table: dict[str, list] | None = None,
+) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint of ``model``, sealed with its header checksum.
 
-
-def format_version_for(layers: dict[str, dict[str, Any]]) -> int:
-    """The lowest format version that holds ``layers`` (see FORMAT_VERSION)."""
-    needs_2 = any(
-        isinstance(i, dict) and (i.get("act_unsigned") or i.get("kind") == "svdq_split")
-        for i in layers.values()
-    )
-    return 2 if needs_2 else 1
-
-
-def _build_metadata(model, config, report, checksums) -> dict[str, str]:
+    Parameters
+    ----------
+    model : the quantized model (its layers may live on the meta device)
+    config, report : QuantConfig / QuantReport or their dicts
+    checksums : ``{tensor: CRC-32}`` of every tensor the file holds (placeholders are fine for
+        a streaming writer that calls :func:`seal_metadata` again once they are known)
+    table : the file's tensor table (:func:`tensor_table`); default: ``model.state_dict()``'s,
+        which is what a checkpoint of ``model`` holds
+    """
     layers = quantized_layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers; run quantize_model first")
@@ -156,15 +159,34 @@ def _build_metadata(model, config, report, checksums) -> dict[str, str]:
         "model": _model_description(model),
         "layers": layers,
         "calibration": report_dict,
-        "checksums": checksums,
+        "checksums": dict(checksums),
     }
     # safetensors metadata is str -> str: every value is JSON except the plain format name
-    return {k: v if k == "format" else json.dumps(v) for k, v in fields.items()}
+    metadata = {k: v if k == "format" else json.dumps(v) for k, v in fields.items()}
+    return seal_metadata(metadata, tensor_table(model.state_dict()) if table is None else table)
 
 
-def _crc32(t: torch.Tensor) -> str:
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return f"{zlib.crc32(data):08x}"
+def tensor_table(tensors) -> dict[str, list]:
+    """``{name: [safetensors dtype name, shape]}`` of ``{name: tensor}`` (meta tensors too):
+    the tensor table the header checksum covers."""
+    return {k: [SAFETENSORS_NAMES[t.dtype], list(t.shape)] for k, t in tensors.items()}
+
+
+def seal_metadata(metadata: dict[str, str], table: dict[str, list]) -> dict[str, str]:
+    """``metadata`` (the str -> str map of a safetensors header) with its header checksum
+    (``integrity``) computed over its values and the tensor table ``table``
+    (:func:`tensor_table`). The checksum's JSON has a fixed length for a given set of keys, so
+    a writer that reserved the header's space can seal again once the CRCs are known."""
+    body = {k: v for k, v in metadata.items() if k != INTEGRITY_KEY}
+    # the checksum covers the values as every reader decodes them
+    decoded = {k: v if k == "format" else json.loads(v) for k, v in body.items()}
+    return {**body, INTEGRITY_KEY: json.dumps(integrity_record(decoded, table))}
+
+
+def _expected_layer_tensors(name: str, info: dict[str, Any]) -> dict[str, tuple]:
+    """``{tensor: (shape, dtype)}`` a ``layers`` entry owns (validated alone: CheckpointError
+    naming the key). Kept for the interop modules; :func:`entry_tensors` has the value rules."""
+    return {k: (s.shape, s.dtype) for k, s in entry_tensors(name, info).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,13 +253,13 @@ def save_quantized(
     with unfused(model):  # checkpoints hold the member projections, never the fused ones
         tensors = _tensors_for_saving(model)
         checksums = {k: _crc32(t) for k, t in tensors.items()}
-        metadata = _build_metadata(model, config, report, checksums)
+        metadata = _build_metadata(model, config, report, checksums, tensor_table(tensors))
     path = Path(path)
     shards = _shards(tensors, max_shard_bytes)
     if path.suffix == ".safetensors" and len(shards) == 1:
         check_output(path)
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            save_safetensors(tensors, tmp, metadata, path)
         return path
     if path.suffix == ".safetensors":
         raise CheckpointError(
@@ -249,7 +271,7 @@ def save_quantized(
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": FORMAT_NAME})
+            save_safetensors(shard, tmp / name, {"format": FORMAT_NAME}, path / name)
             weight_map.update(dict.fromkeys(shard, name))
         index = {"metadata": metadata, "weight_map": weight_map}
         atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=1))
@@ -279,18 +301,19 @@ def check_output(path: str | Path, directory: bool | None = None) -> Path:
     check_target(path, directory, replaceable=_is_checkpoint_dir)
     if not directory and path.is_file():
         try:
-            foreign = (_open(path).metadata() or {}).get("format") != FORMAT_NAME
+            foreign = read_header(path)[1].get("format") != FORMAT_NAME
         except CheckpointError:
             foreign = True
         if foreign:
             raise TargetExistsError(
                 f"{path} exists and is not a dcgen_quant checkpoint; refusing to overwrite it"
             )
+    check_writable(path)
     return path
 
 
 # --------------------------------------------------------------------------------------------
-# read + validate
+# read + validate (one pipeline for load_quantized and inspect)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -300,240 +323,88 @@ def is_checkpoint(path: str | Path) -> bool:
     return (path.is_file() and path.suffix == ".safetensors") or (path / INDEX_NAME).is_file()
 
 
-class _Reader:
-    """Uniform access to a single-file or sharded checkpoint."""
+@dataclass
+class OpenedCheckpoint:
+    """A checkpoint whose headers passed every check (no tensor data read yet)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        if path.is_dir():
-            index_path = path / INDEX_NAME
-            if not index_path.is_file():
-                raise CheckpointError(f"{path} is a directory without {INDEX_NAME}")
-            try:
-                index = json.loads(index_path.read_text())
-                self.metadata = index["metadata"]
-                self.weight_map = index["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index_path} is not a valid index: {exc}") from None
-            self.files = sorted({path / f for f in self.weight_map.values()})
-        elif path.is_file():
-            self.files = [path]
-            self.metadata = _open(path).metadata() or {}
-            self.weight_map = None
-        else:
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-
-    def keys(self) -> list[str]:
-        if self.weight_map is not None:
-            return list(self.weight_map)
-        return list(_open(self.path).keys())
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for file in self.files:
-            handle = _open(file)
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                try:
-                    t = handle.get_tensor(key)
-                except Exception as exc:  # safetensors raises its own error types
-                    raise CheckpointError(
-                        f"cannot read tensor {key!r} from {file}: {exc}"
-                    ) from None
-                # safetensors hands out tensors 16 bytes off the 64-byte alignment of torch's
-                # own allocations; MKL / oneDNN take other code paths for them and round
-                # differently, so a loaded model would not reproduce the saved one's outputs bit
-                # for bit. A copy is aligned.
-                yield key, (t.clone() if t.data_ptr() % 64 else t)
+    files: CheckpointFiles
+    meta: dict[str, Any]  # decoded metadata
+    specs: dict[str, TensorSpec]  # the quantized layers' tensors
+    authenticated: bool  # the header checksum was present and matched
+    model: nn.Module | None = None  # the skeleton (parameters on meta, 4-bit layers installed)
 
 
-def _open(file: Path):
-    if not file.is_file():
-        raise CheckpointError(f"checkpoint shard missing: {file}")
-    try:
-        return safe_open(str(file), framework="pt")
-    except Exception as exc:  # truncated / not safetensors
-        raise CheckpointError(
-            f"{file} is not a readable safetensors file (truncated?): {exc}"
-        ) from None
+def open_header(path: str | Path) -> OpenedCheckpoint:
+    """Check a checkpoint's files, metadata, header checksum and model config, as
+    :func:`open_checkpoint` does, without building its model (no tensor is read).
+
+    For readers that take the tensors one by one (``dcgen_quant.interop``): the result's
+    ``files.tensors`` says where each one is, ``specs`` its value rule.
+    """
+    path = Path(path)
+    files = CheckpointFiles(path)
+    meta = decode_metadata(files.raw_metadata, str(path))
+    table = {k: [e.dtype_name, list(e.shape)] for k, e in files.tensors.items()}
+    authenticated = check_integrity(meta, table, str(path))
+    shapes = {k: (e.dtype, e.shape) for k, e in files.tensors.items()}
+    specs = validate(meta, shapes)
+    check_model_config(meta["model"], shapes, meta["layers"])
+    return OpenedCheckpoint(files, meta, specs, authenticated)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """Decoded metadata of a checkpoint; checks the format name and version."""
-    raw = _Reader(Path(path)).metadata
-    if raw.get("format") != FORMAT_NAME:
-        raise CheckpointError(
-            f"{path}: metadata 'format' is {raw.get('format')!r}, expected {FORMAT_NAME!r}"
-        )
-    meta = {}
-    for key in ("format_version", "quantization_config", "model", "layers", "checksums"):
-        if key not in raw:
-            raise CheckpointError(f"{path}: metadata key {key!r} is missing")
-    for key, value in raw.items():
-        try:
-            meta[key] = json.loads(value) if key != "format" else value
-        except (json.JSONDecodeError, TypeError):
-            raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON") from None
-    version = meta["format_version"]
-    if version not in READABLE_VERSIONS:
-        raise CheckpointError(
-            f"{path}: format_version {version} is not supported by dcgen_quant "
-            f"{__version__} (reads versions {', '.join(map(str, READABLE_VERSIONS))})"
-        )
-    if isinstance(meta["layers"], dict) and format_version_for(meta["layers"]) > version:
-        raise CheckpointError(
-            f"{path}: format_version {version} cannot hold unsigned activations or split "
-            "layers, but 'layers' has them"
-        )
-    return meta
+    """Decoded metadata of a checkpoint, after every header check (no tensor is read)."""
+    return open_header(path).meta
 
 
-def _expected_layer_tensors(
-    name: str, info: dict[str, Any]
-) -> dict[str, tuple[tuple, torch.dtype]]:
-    try:
-        spec = get_format(info["fmt"])
-        n, k = int(info["out_features"]), int(info["in_features"])
-        dtype = _dtype_from_name(info["dtype"], f"layers.{name}.dtype")
-        rank = int(info.get("rank", 0))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"metadata 'layers' entry {name!r} is malformed: {exc}") from None
-    if info["kind"] == "svdq_split":
-        return {}  # no tensors of its own
-    scale_dtype = spec.scale_dtype(dtype)
-    expected = {
-        "qweight": ((n, k // 2), torch.uint8),
-        "wscales": ((k // spec.group_size, n), scale_dtype),
-    }
-    if spec.has_tensor_scale:
-        expected["wtscale"] = ((), torch.float32)
-    if info.get("bias"):
-        expected["bias"] = ((n,), dtype)
-    if info["kind"].startswith("svdq"):
-        expected["smooth_factor"] = ((k,), dtype)
-        expected["proj_down"] = ((k, rank), dtype)
-        expected["proj_up"] = ((n, rank), dtype)
-    return {f"{name}.{t}": v for t, v in expected.items()}
+def open_checkpoint(path: str | Path, model: nn.Module | None = None) -> OpenedCheckpoint:
+    """Check a checkpoint's headers, metadata and structure; build its model's skeleton.
+
+    Parameters
+    ----------
+    path : checkpoint file or sharded directory
+    model : a model to load into (checked against the metadata); default: one built from the
+        metadata with its parameters on the meta device
+
+    Raises CheckpointError naming the problem; nothing but the meta skeleton is allocated.
+    """
+    opened = open_header(path)
+    if model is None:
+        model = skeleton(opened.meta["model"], len(opened.files.tensors))
+    else:
+        check_model_matches(model, opened.meta["model"])
+    install_layers(model, opened.meta["layers"])
+    shapes = {k: (e.dtype, e.shape) for k, e in opened.files.tensors.items()}
+    check_structure(model, shapes, opened.specs)
+    opened.model = model
+    return opened
 
 
-def _validate_tensor(key, t, expected, checksums, verify):
-    shape, dtype = expected
-    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+def check_tensor(opened: OpenedCheckpoint, name: str, t: torch.Tensor) -> None:
+    """Check tensor ``name`` of ``opened`` against its CRC-32, then its values (finite scales,
+    positive smoothing factors, ...); CheckpointError naming it."""
+    if opened.meta["checksums"][name].lower() != _crc32(t):
         raise CheckpointError(
-            f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}"
+            f"tensor {name!r} does not match its checksum: the file was altered or corrupted"
         )
-    if verify and checksums.get(key) != _crc32(t):
-        raise CheckpointError(
-            f"tensor {key!r} does not match its checksum: the file was altered or corrupted"
-        )
+    spec = opened.specs.get(name)
+    check_values(name, t, spec.rule if spec else "finite")
+
+
+def read_tensors(opened: OpenedCheckpoint, verify: bool = True, keep: bool = True):
+    """Read every tensor; with ``verify``, check its CRC-32 and its values (finite scales,
+    positive smoothing factors, ...). Returns ``{name: tensor}`` (empty unless ``keep``)."""
+    state = {}
+    for entry, t in opened.files.read():
+        if verify:
+            check_tensor(opened, entry.name, t)
+        if keep:
+            state[entry.name] = t
+    return state
 
 
 # --------------------------------------------------------------------------------------------
 # load
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init); buffers stay real."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def _model_class(description: dict[str, Any]):
-    import diffusers
-    from diffusers.configuration_utils import ConfigMixin
-
-    name = description.get("class")
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and issubclass(cls, ConfigMixin)):
-        raise CheckpointError(f"metadata 'model.class' {name!r} is not a diffusers model class")
-    return cls
-
-
-def _check_model_matches(model: nn.Module, description: dict[str, Any]) -> None:
-    if type(model).__name__ != description.get("class"):
-        raise CheckpointError(
-            f"checkpoint is for {description.get('class')}, "
-            f"the given model is {type(model).__name__}"
-        )
-    mine = json.loads(json.dumps(dict(getattr(model, "config", {})), default=_jsonable))
-    for key, value in description.get("config", {}).items():
-        if not key.startswith("_") and key in mine and mine[key] != value:
-            raise CheckpointError(
-                f"checkpoint comes from another model: config {key!r} is {value!r} in the "
-                f"checkpoint but {mine[key]!r} in the given model"
-            )
-
-
-def _split_placeholder(name: str, info: dict[str, Any]) -> SVDQSplitLinear:
-    """An SVDQSplitLinear whose parts (rank 0, on meta) the part entries replace."""
-    splits, k = info.get("splits"), info.get("in_features")
-    if (
-        not isinstance(splits, list)
-        or len(splits) < 2
-        or not all(isinstance(s, int) and s > 0 for s in splits)
-        or sum(splits) != k
-    ):
-        raise CheckpointError(
-            f"metadata 'layers' entry {name!r}: splits={splits!r} must be two or more positive "
-            f"ints summing to in_features={k!r}"
-        )
-    dtype = _dtype_from_name(info["dtype"], f"layers.{name}.dtype")
-    n = int(info["out_features"])
-    return SVDQSplitLinear([SVDQLinear(s, n, 0, info["fmt"], False, dtype, "meta") for s in splits])
-
-
-def _install_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    placeholders: dict[str, list[nn.Module]] = {}  # split layer -> its placeholder parts
-    for name, info in layers.items():
-        cls = LAYER_KINDS.get(info.get("kind"))
-        if cls is None:
-            raise CheckpointError(
-                f"metadata 'layers' entry {name!r} has unknown kind {info.get('kind')!r}"
-            )
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(
-                f"layer {name!r} of the checkpoint does not exist in the model"
-            ) from None
-        if cls is SVDQSplitLinear:
-            split = _split_placeholder(name, info)
-            placeholders[name] = list(split.parts)
-            model.set_submodule(name, split)
-            continue
-        kwargs = {"fmt": info["fmt"], "bias": bool(info["bias"])}
-        kwargs["dtype"] = _dtype_from_name(info["dtype"], f"layers.{name}.dtype")
-        if info["kind"].startswith("svdq"):
-            kwargs["rank"] = int(info["rank"])
-        if "act_unsigned" in info:
-            unsigned = info["act_unsigned"]
-            if not info["kind"].startswith("svdq") or not isinstance(unsigned, bool):
-                raise CheckpointError(
-                    f"metadata 'layers' entry {name!r}: act_unsigned={unsigned!r} needs a W4A4 "
-                    "(svdq) layer and a boolean"
-                )
-            kwargs["act_unsigned"] = unsigned
-        try:
-            layer = cls(int(info["in_features"]), int(info["out_features"]), **kwargs)
-        except ValueError as exc:
-            raise CheckpointError(f"metadata 'layers' entry {name!r}: {exc}") from None
-        model.set_submodule(name, layer)
-    for name, originals in placeholders.items():
-        for i, (part, original) in enumerate(zip(model.get_submodule(name).parts, originals)):
-            if part is original or part.in_features != original.in_features:
-                raise CheckpointError(
-                    f"layer {name!r} (svdq_split) has no valid 'layers' entry for its part "
-                    f"{name}.parts.{i}"
-                )
 
 
 def load_quantized(
@@ -555,7 +426,9 @@ def load_quantized(
     device : where the loaded model lives
     layout : nibble layout of ``qweight`` in memory: ``"auto"`` (the preferred layout of the
         backend that will run on ``device``), ``"canonical"`` or a registered layout name
-    verify : check every tensor against its CRC-32
+    verify : check every tensor against its CRC-32 and its values (finite, and positive where
+        the format needs it); ``False`` skips that pass for trusted files (the header, metadata
+        and structure are always checked)
     fuse : run each FLUX attention's q/k/v (and added q/k/v) projections as one layer
         (:func:`dcgen_quant.fusion.fuse_projections`); the outputs do not change
 
@@ -570,41 +443,22 @@ def load_quantized(
         from .interop.nunchaku.importer import load_foreign
 
         return load_foreign(path, model, device, layout, fuse)
-    reader = _Reader(path)
-    meta = read_metadata(path)
-    description, layers = meta["model"], meta["layers"]
-    if model is None:
-        cls = _model_class(description)
-        config = {k: v for k, v in description.get("config", {}).items() if not k.startswith("_")}
-        with _parameters_on_meta():
-            model = cls.from_config(config)
-    else:
-        _check_model_matches(model, description)
-    _install_layers(model, layers)
-
-    expected: dict[str, tuple] = {}
-    for name, info in layers.items():
-        expected.update(_expected_layer_tensors(name, info))
-    model_keys = set(model.state_dict())
-    file_keys = set(reader.keys())
-    if missing := sorted(model_keys - file_keys):
-        raise CheckpointError(
-            f"checkpoint is missing tensor {missing[0]!r} ({len(missing)} missing)"
+    opened = open_checkpoint(path, model)
+    if not opened.authenticated:
+        warnings.warn(
+            f"{path}: no header checksum (written by dcgen_quant 0.1.0 or earlier): its metadata "
+            "is validated but not authenticated; save it again to add one",
+            stacklevel=2,
         )
-    if unexpected := sorted(file_keys - model_keys):
-        raise CheckpointError(
-            f"checkpoint has tensor {unexpected[0]!r} that the model does not "
-            f"({len(unexpected)} extra)"
-        )
-    state = {}
-    reference = model.state_dict()
-    for key, t in reader.tensors():
-        want = expected.get(key, (tuple(reference[key].shape), t.dtype))
-        _validate_tensor(key, t, want, meta["checksums"], verify)
-        state[key] = t
-    model.load_state_dict(state, strict=True, assign=True)
-    if on_meta := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
-        raise CheckpointError(f"tensor {on_meta[0]!r} was not loaded (still on the meta device)")
+    model = opened.model
+    model.load_state_dict(read_tensors(opened, verify), strict=True, assign=True)
+    for module in model.modules():  # empty non-persistent buffers (dtype markers) made on meta
+        for name, t in list(module._buffers.items()):
+            if t is not None and t.is_meta and t.numel() == 0:
+                module._buffers[name] = torch.empty(t.shape, dtype=t.dtype)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise CheckpointError(f"tensor {name!r} was not loaded (still on the meta device)")
     model.to(device)
     if layout != "canonical":
         _set_layouts(model, layout, torch.device(device))
@@ -614,8 +468,8 @@ def load_quantized(
         fuse_projections(model)
     from .quantize.config import QuantConfig
 
-    model.dcgen_quant_config = QuantConfig.from_dict(meta["quantization_config"])
-    model.dcgen_quant_report = meta.get("calibration")
+    model.dcgen_quant_config = QuantConfig.from_dict(opened.meta["quantization_config"])
+    model.dcgen_quant_report = opened.meta.get("calibration")
     return model.eval()
 
 

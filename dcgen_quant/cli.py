@@ -2,13 +2,21 @@
 
 Each command lives in its own module, which exposes ``HELP`` (one line), ``add_arguments(parser)``
 and ``run(args) -> int``. Modules import their heavy dependencies inside ``run`` so that
-``--help`` stays fast. Errors the user can fix (``ValueError``, ``FileNotFoundError``, ...) are
-printed as one line ``error: ...`` with exit code 2, never a traceback.
+``--help`` stays fast.
+
+Errors the user can fix are printed as one line ``error: ...`` with exit code 2, never a
+traceback: ``ValueError`` (``CheckpointError`` among them), ``OSError`` (a missing or unwritable
+path, a full disk) and the ``RuntimeError`` / ``TypeError`` that commands raise on purpose with
+a message naming the flag. Each command turns every failure it expects into one of these with a
+precise message; anything else (``KeyError``, ``AttributeError``, ``IndexError``: a bug) keeps
+its traceback, so that it is reported rather than disguised as a user error. A closed stdout
+(``inspect --json | head``) ends the command quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -23,16 +31,8 @@ COMMANDS = {
     "convert": "dcgen_quant.interop.cli",
 }
 
-# Exceptions that mean "bad input", reported as a one-line error.
-USER_ERRORS = (
-    ValueError,
-    TypeError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    KeyError,
-    RuntimeError,
-)
+# Exceptions that mean "bad input", reported as a one-line error (see the module docstring).
+USER_ERRORS = (ValueError, OSError, TypeError, RuntimeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,13 +65,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_library_logs()
     try:
-        return int(args._module.run(args) or 0)
+        code = int(args._module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`| head`): stop quietly, as a SIGPIPE'd tool does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except USER_ERRORS as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, KeyError):
-            message = f"missing key {exc}"
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
+
+
+def error_message(exc: BaseException) -> str:
+    """One line saying what went wrong."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"no space left on the device{where}; free some space or choose another path"
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc)
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

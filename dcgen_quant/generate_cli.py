@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -121,15 +122,29 @@ def run(args) -> int:
     from .adapt import family as fam
     from .adapt.runner import load_autoencoder
     from .adapt.sample import generate
+    from .atomic import check_writable
+    from .capabilities import check_device
     from .tables import format_table
 
     if args.steps < 1:
         raise ValueError(f"--steps: got {args.steps}; expected >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.resolution < 1:
+        raise ValueError(f"--resolution: got {args.resolution}; expected >= 1")
+    if args.text_length is not None and args.text_length < 1:
+        raise ValueError(f"--text-length: got {args.text_length}; expected >= 1")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance: got {args.guidance}; expected a finite number")
+    device = check_device(
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device"
+    )
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     path = Path(args.model)
     if not path.exists():
         raise FileNotFoundError(f"--model: {path} does not exist")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out: {out} exists and is not a directory")
+    check_writable(out / "0.png")  # before any work
     model, ae_dir, text_dir = load_transformer(path, device, dtype)
     model.eval()
     if args.ae is not None:
@@ -145,7 +160,6 @@ def run(args) -> int:
     family = fam.family_of(model)
     length = args.text_length or (512 if family == "flux" else 300)
     encoder = load_text_encoder(text_dir or path, pipeline_cls, model, length)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, prompt in enumerate(args.prompt):
@@ -155,6 +169,12 @@ def run(args) -> int:
             guidance=args.guidance, seed=args.seed + i, progress=True,
         )[0]  # fmt: skip
         seconds = time.perf_counter() - start
+        if not torch.isfinite(image).all():
+            bad = int((~torch.isfinite(image)).sum())
+            raise ValueError(
+                f"the model produced {bad} NaN/Inf pixel values for prompt {i} ({prompt!r}); no "
+                "image written (check the model with `python -m dcgen_quant inspect`)"
+            )
         target = out / f"{i}.png"
         save_png(to_pixels(image), target)
         rows.append({"image": str(target), "seconds": seconds, "prompt": prompt})

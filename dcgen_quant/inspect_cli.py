@@ -2,13 +2,15 @@
 
 Prints the model, the quantization config, sizes against the 16-bit model, the layers by kind
 and the calibration error summary; ``--layers`` adds one row per quantized layer; ``--json``
-prints one JSON document instead. The tensors are verified against their checksums unless
-``--no-verify``.
+prints one JSON document instead. The checkpoint goes through every check ``load_quantized``
+runs (header checksum, metadata schema, the structure of the model it describes; with
+``--no-verify`` the tensors' CRCs and values are not read), so the two agree on every file.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,49 +20,26 @@ HELP = "show what a 4-bit checkpoint holds (model, config, sizes, per-layer erro
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="checkpoint file or sharded directory")
     parser.add_argument("--layers", action="store_true", help="one row per quantized layer")
-    parser.add_argument("--no-verify", action="store_true", help="skip the checksum pass")
+    parser.add_argument(
+        "--no-verify", action="store_true",
+        help="skip reading the tensors (their checksums and values); the header, metadata and "
+        "structure are still checked",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
-def _tensor_bytes(reader) -> dict[str, tuple[tuple[int, ...], str, int]]:
-    """key -> (shape, dtype name, bytes), read from the headers only."""
-    from safetensors import safe_open
-
-    out = {}
-    for file in reader.files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                sl = handle.get_slice(key)
-                shape = tuple(sl.get_shape())
-                dtype = sl.get_dtype()
-                numel = 1
-                for d in shape:
-                    numel *= d
-                out[key] = (shape, dtype, numel * _ITEMSIZE.get(dtype, 4))
-    return out
-
-
-_ITEMSIZE = {"U8": 1, "I8": 1, "F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8}
-
-
 def summarize(path: Path, verify: bool = True) -> dict[str, Any]:
-    """Everything ``inspect`` prints, as a dict."""
-    from .checkpoint import _expected_layer_tensors, _Reader, _validate_tensor, read_metadata
+    """Everything ``inspect`` prints, as a dict. The checkpoint goes through the checks that
+    ``load_quantized`` runs (header checksum, metadata schema, structure of the model it
+    describes, and with ``verify`` every tensor's CRC-32 and values), so that the two always
+    agree on whether a file is sound."""
+    from .checkpoint import open_checkpoint, read_tensors
 
-    reader = _Reader(path)
-    meta = read_metadata(path)
-    tensors = _tensor_bytes(reader)
-    layers = meta["layers"]
-    layer_keys = {}
-    for name, info in layers.items():
-        layer_keys.update(_expected_layer_tensors(name, info))
-        missing = [k for k in _expected_layer_tensors(name, info) if k not in tensors]
-        if missing:
-            raise ValueError(f"{path}: layer {name!r} lacks tensor {missing[0]!r}")
+    opened = open_checkpoint(path)
     if verify:
-        for key, t in reader.tensors():
-            want = layer_keys.get(key, (t.shape, t.dtype))
-            _validate_tensor(key, t, want, meta["checksums"], True)
+        read_tensors(opened, verify=True, keep=False)
+    meta, layers, layer_keys = opened.meta, opened.meta["layers"], opened.specs
+    tensors = {k: (e.shape, e.dtype_name, e.end - e.start) for k, e in opened.files.tensors.items()}
 
     sizes = {"codes_4bit": 0, "scales": 0, "low_rank_and_smooth": 0, "other": 0}
     for key, (_, _, nbytes) in tensors.items():
@@ -82,9 +61,7 @@ def summarize(path: Path, verify: bool = True) -> dict[str, Any]:
         if "part_of" not in info
     )
     bf16 += sum(
-        2 * (nbytes // _ITEMSIZE.get(dtype, 4))
-        for key, (_, dtype, nbytes) in tensors.items()
-        if key not in layer_keys
+        2 * math.prod(shape) for key, (shape, _, _) in tensors.items() if key not in layer_keys
     )
     total = sum(sizes.values())
     kinds: dict[str, int] = {}
@@ -104,6 +81,7 @@ def summarize(path: Path, verify: bool = True) -> dict[str, Any]:
         "calibration": meta.get("calibration") or {},
         "layers": layers,
         "verified": verify,
+        "header_authenticated": opened.authenticated,
     }
 
 
@@ -171,7 +149,14 @@ def run(args: argparse.Namespace) -> int:
             f"calibration  relative output error: mean {sum(errs) / len(errs):.4f}, "
             f"max {max(errs):.4f} over {len(errs)} layers"
         )
-    print(f"checksums    {'verified' if summary['verified'] else 'not checked (--no-verify)'}")
+    header = (
+        "authenticated (metadata and tensor table match their SHA-256)"
+        if summary["header_authenticated"]
+        else "not authenticated (no header checksum: written by dcgen_quant 0.1.0 or earlier)"
+    )
+    print(f"header       {header}")
+    checked = "verified (CRC-32 and values)" if summary["verified"] else "not checked (--no-verify)"
+    print(f"tensors      {checked}")
     if args.layers:
         columns = [
             ("name", "layer", None), ("kind", "kind", None), ("acts", "acts", None),

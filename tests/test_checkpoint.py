@@ -92,7 +92,7 @@ def test_3072_layer_is_at_most_0_30x_its_bf16_size(tmp_path):
 
 
 def test_save_is_atomic(tmp_path, int4_model, monkeypatch):
-    import dcgen_quant.checkpoint as ckpt
+    import dcgen_quant.checkpoint_files as ckpt
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -148,8 +148,10 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, int4_model):
         load_quantized(path, model=OneLinear(k=64, n=64, rank=1))
 
 
-def _rewrite(path, edit_tensors=None, edit_meta=None):
-    """Rewrite a checkpoint with edited tensors/metadata (checksums recomputed for tensors)."""
+def _rewrite(path, edit_tensors=None, edit_meta=None, reseal=True):
+    """Rewrite a checkpoint with edited tensors/metadata: checksums recomputed for the tensors,
+    and (``reseal``) the header checksum recomputed, as a writer with a bug would produce the
+    file; so that the checks behind the checksums are what the test reaches."""
     from dcgen_quant.checkpoint import _crc32
 
     with safe_open(str(path), "pt") as f:
@@ -162,6 +164,18 @@ def _rewrite(path, edit_tensors=None, edit_meta=None):
         meta["checksums"] = json.dumps(checks)
     if edit_meta:
         edit_meta(meta)
+    if reseal and "integrity" in meta:
+        from dcgen_quant.checkpoint_files import SAFETENSORS_NAMES
+        from dcgen_quant.checkpoint_schema import integrity_record
+
+        decoded = {}
+        for k, v in meta.items():
+            try:
+                decoded[k] = v if k == "format" else json.loads(v)
+            except ValueError:
+                decoded[k] = v
+        table = {k: [SAFETENSORS_NAMES[t.dtype], list(t.shape)] for k, t in tensors.items()}
+        meta["integrity"] = json.dumps(integrity_record(decoded, table))
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -179,7 +193,7 @@ ATTN = "transformer_blocks.0.attn"
         ),
         (
             lambda t: t.update({"x_embedder.weight": torch.zeros(256, 32).bfloat16()}),
-            r"'x_embedder.weight' is torch.bfloat16 \(256, 32\), expected \S+ \(256, 64\)",
+            r"'x_embedder.weight' has shape \[256, 32\] \(expected \[256, 64\]\)",
         ),
     ],
 )  # fmt: skip

@@ -101,6 +101,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_numbers(args) -> None:
+    """Numeric flags out of range are refused before any work (issue 13: never clamped, never
+    found after the demo's autoencoder pretraining or a stage's first steps)."""
+    import math
+
+    at_least = {"steps": 1, "batch_size": 1, "resolution": 1, "rank": 1, "patch_size": 1,
+                "text_length": 1, "ckpt_every": 1, "grad_accum": 1, "report_images": 0,
+                "holdout": 0}  # fmt: skip
+    for name, lo in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < lo:
+            raise ValueError(f"--{name.replace('_', '-')}: got {value}; expected an int >= {lo}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: got {args.lr}; expected a finite number > 0")
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise ValueError(f"--alpha: got {args.alpha}; expected a finite number > 0")
+    if not 0 <= args.ema < 1:  # also refuses NaN
+        raise ValueError(f"--ema: got {args.ema}; expected 0 <= decay < 1 (0 = off)")
+
+
 def _options(args, demo: bool):
     from .runner import ChainOptions
 
@@ -170,10 +190,11 @@ def _report_json(mse, flow, breakdown, extra: dict) -> str:
 
 
 def run(args) -> int:
+    from ..capabilities import check_device
     from . import distributed
 
-    if args.grad_accum < 1:
-        raise ValueError(f"--grad-accum: got {args.grad_accum}; expected an int >= 1")
+    check_device(args.device, "--device")  # before any work: one line, not a traceback later
+    _check_numbers(args)
     if args.memory_limit is not None and not args.memory_limit > 0:
         raise ValueError(f"--memory-limit: got {args.memory_limit}; expected GiB > 0")
     if args.demo:

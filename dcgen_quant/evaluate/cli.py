@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -178,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..atomic import atomic_write_text
+    from ..capabilities import check_device
     from ..tables import emit
     from . import images as I
     from . import metrics as M
@@ -193,6 +195,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--resolution: got {args.resolution}; expected a positive size")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: got {args.threads}; expected >= 1")
+    if args.text_length is not None and args.text_length < 1:
+        raise ValueError(f"--text-length: got {args.text_length}; expected >= 1")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance: got {args.guidance}; expected a finite number")
+    device = check_device(
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device"
+    )  # before any work: one line, not a traceback later
     wanted = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if bad := [m for m in wanted if m not in METRICS]:
         raise ValueError(f"--metrics: unknown {bad[0]!r}; expected some of {', '.join(METRICS)}")
@@ -207,7 +216,6 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads or (1 if tiny else None)
     if threads is not None:
         torch.set_num_threads(threads)  # tiny models: one thread is fastest (see quantize)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolution = args.resolution or (64 if tiny else 1024)
     guidance = args.guidance if args.guidance is not None else (
         3.5 if reference.family == "flux" else 4.5)  # fmt: skip

@@ -217,9 +217,9 @@ def _stored_tensors(source: Source):
     from safetensors import safe_open
 
     if source.kind == "checkpoint":
-        from ..checkpoint import _Reader
+        from ..checkpoint_files import CheckpointFiles
 
-        files = _Reader(source.path).files
+        files = CheckpointFiles(source.path).files
     elif source.kind == "transformer":
         files = sorted(source.path.glob("*.safetensors"))
     else:

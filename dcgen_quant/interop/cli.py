@@ -56,6 +56,9 @@ def _import_side():
 def run(args: argparse.Namespace) -> int:
     from ..tables import emit
 
+    if args.latent_patch_size is not None and args.latent_patch_size < 1:
+        raise ValueError(f"--latent-patch-size: got {args.latent_patch_size}; expected >= 1")
+
     if args.to == "dcgen_quant":
         result = _import_side()(args.input, args.output)
         if isinstance(result, dict):

@@ -107,6 +107,9 @@ class DeepCompressorSource:
         self.smooths = _load(self.path / "smooth.pt", False)
         self.branches = _load(self.path / "branch.pt", False)
         self.used: set[str] = set()
+        for name, d in (("model.pt", self.model), ("scale.pt", self.scales),
+                        ("smooth.pt", self.smooths), ("branch.pt", self.branches)):  # fmt: skip
+            self._check_values(d, name)
         self.index = {
             k: TensorInfo("", tuple(v.shape), 0, 0)
             for k, v in self.model.items()
@@ -148,13 +151,30 @@ class DeepCompressorSource:
 
     # ---------------------------------------------------------------- helpers
 
+    def _check_values(self, d: dict, file: str, parent: str = "") -> None:
+        """Every entry of a ``.pt`` dict is what DeepCompressor writes (issue 13: a hostile or
+        damaged file gives one line naming the entry, never a traceback or a NaN model):
+        floating-point finite tensors, smoothing factors positive; branch.pt maps each layer to
+        a dict of tensors; smooth.pt may hold the boolean ``proj.fuse_when_possible``."""
+        for key, v in d.items():
+            where = f"{self.path}/{file}: entry {parent + str(key)!r}"
+            if isinstance(v, Tensor):
+                if not v.is_floating_point():
+                    raise ForeignFormatError(f"{where} is {v.dtype}, not floating point")
+                if not finite(v):
+                    raise ForeignFormatError(f"{where} holds NaN or Inf values")
+                if file == "smooth.pt" and not bool((v > 0).all()):
+                    raise ForeignFormatError(f"{where}: smoothing factors must be positive")
+            elif file == "branch.pt" and not parent and isinstance(v, dict):
+                self._check_values(v, file, f"{key}.")
+            elif not (file == "smooth.pt" and isinstance(v, bool)):
+                raise ForeignFormatError(f"{where} is a {type(v).__name__}, not a tensor")
+
     def _t(self, d: dict, key: str, what: str, file: str) -> Tensor:
         t = d.get(key)
         if not isinstance(t, Tensor):
             raise ForeignFormatError(f"{self.path}/{file}: tensor {key!r} ({what}) is missing")
-        if not finite(t):
-            raise ForeignFormatError(f"{self.path}/{file}: tensor {key!r} holds NaN or Inf values")
-        if d is self.model:
+        if d is self.model:  # values were checked on opening (_check_values)
             self.used.add(key)
         return t
 
@@ -183,7 +203,10 @@ class DeepCompressorSource:
         for m, b in zip(names, biases):
             if b is not None:
                 self.used.add(f"{m}.bias")
-        if any(b is None for b in biases) and not all(b is None for b in biases):
+        # every FLUX linear has a bias (a missing one is not a zero one), except the attention
+        # column part of a single block's proj_out: DeepCompressor folds the bias into the MLP part
+        optional = spec.part_of is not None and spec.part == 0
+        if any(b is None for b in biases) and not optional:
             raise ForeignFormatError(f"model.pt: {names[biases.index(None)]!r} lacks a bias")
         s0 = [self._t(self.scales, f"{m}.weight.scale.0", "scale", "scale.pt") for m in names]
         s1 = [self.scales.get(f"{m}.weight.scale.1") for m in names]
@@ -195,6 +218,10 @@ class DeepCompressorSource:
                 self.used.add(f"{m[:-7]}.shift")
         smooth = self.smooths.get(f"{block}.{self._module(block, smooth_name)[len(block) + 1 :]}")
         branch = self.branches.get(f"{block}.{self._module(block, branch_name)[len(block) + 1 :]}")
+        if smooth is not None and tuple(smooth.shape) != (k,):
+            raise ForeignFormatError(
+                f"smooth.pt entry of {p!r} is {list(smooth.shape)}, expected [{k}]"
+            )
         fused = "out_proj" in spec.name and bool(self.smooths.get("proj.fuse_when_possible", True))
         dtype = weights[0].dtype
         bias = None if biases[0] is None else torch.cat([b for b in biases])
@@ -219,7 +246,13 @@ class DeepCompressorSource:
             a, u = branch.get("a.weight"), branch.get("b.weight")
             if not isinstance(a, Tensor) or not isinstance(u, Tensor):
                 raise ForeignFormatError(f"branch.pt {p!r}: needs 'a.weight' and 'b.weight'")
-            if a.shape[1] != k or u.shape[0] != n or a.shape[0] != u.shape[1]:
+            if (
+                a.dim() != 2
+                or u.dim() != 2
+                or a.shape[1] != k
+                or u.shape[0] != n
+                or (a.shape[0] != u.shape[1])
+            ):
                 raise ForeignFormatError(
                     f"branch.pt entry of {p!r}: a {list(a.shape)}, b {list(u.shape)} do not fit "
                     f"[{n}, {k}]"
@@ -253,8 +286,24 @@ class DeepCompressorSource:
         # scales: per-tensor (one member) -> wtscale; per-tensor of several members or
         # per-channel -> wcscales; per-group -> wscales
         wtscale = wcscales = wscales = qweight = None
+        per_row = k // 64 if self.fmt == "int4" else k // 16
+        for m, w, a, b in zip(names, weights, s0, s1):
+            # per member: [rows, K/G] group scales (INT4), or a tensor / per-channel scale and
+            # [rows, K/16] group scales (NVFP4), in any shape holding those many values
+            sub = a if self.fmt == "int4" else b
+            if sub is not None and sub.numel() != w.shape[0] * per_row:
+                which = "0" if self.fmt == "int4" else "1"
+                raise ForeignFormatError(
+                    f"scale.pt {m + '.weight.scale.' + which!r} holds {sub.numel()} values; "
+                    f"[{w.shape[0]}, {per_row}] expected"
+                )
+            if self.fmt == "nvfp4" and a.numel() not in (1, w.shape[0]):
+                raise ForeignFormatError(
+                    f"scale.pt {m + '.weight.scale.0'!r} holds {a.numel()} values; 1 or "
+                    f"{w.shape[0]} expected"
+                )
         if self.fmt == "int4":
-            scale = torch.cat([s.reshape(s.shape[0], -1) for s in s0])
+            scale = torch.cat([s.reshape(w.shape[0], -1) for s, w in zip(s0, weights)])
             if scale.shape != (n, k // 64):
                 raise ForeignFormatError(
                     f"scale.pt {names[0] + '.weight.scale.0'!r} is not [N, K/64]"
@@ -275,7 +324,7 @@ class DeepCompressorSource:
             else:
                 first = s0[0].reshape(1, 1)
                 wtscale = s0[0].reshape(()).to(dtype).float()
-            sub = torch.cat([s.reshape(s.shape[0], -1) for s in s1])
+            sub = torch.cat([s.reshape(w.shape[0], -1) for s, w in zip(s1, weights)])
             if sub.shape != (n, k // 16):
                 raise ForeignFormatError(
                     f"scale.pt {names[0] + '.weight.scale.1'!r} is not [N, K/16]"
@@ -314,6 +363,8 @@ class DeepCompressorSource:
             w = w.reshape(n, k)
         if self.fmt == "int4":
             codes = torch.round(w)
+            if not finite(codes):  # a zero scale
+                raise ForeignFormatError(f"{name}: weight / scale is not finite (a zero scale)")
             if int(codes.min()) < -8 or int(codes.max()) > 7:
                 raise ForeignFormatError(
                     f"{name}: weight / scale rounds to {int(codes.min())}..{int(codes.max())}, "
@@ -323,6 +374,8 @@ class DeepCompressorSource:
         table = torch.tensor(_E2M1, dtype=torch.float32)
         out = torch.empty(n, k, dtype=torch.uint8)
         for i in range(0, n, 256):  # argmin over the 16 values, first index on ties, in chunks
+            if not finite(w[i : i + 256]):
+                raise ForeignFormatError(f"{name}: weight / scale is not finite (a zero scale)")
             chunk = (w[i : i + 256].unsqueeze(-1) - table).abs()
             out[i : i + 256] = chunk.argmin(dim=-1).to(torch.uint8)
         return pack_nibbles(out)
@@ -334,14 +387,14 @@ class DeepCompressorSource:
             raise ForeignFormatError(
                 f"model.pt {m + '.weight'!r} is {list(w.shape)}, expected {[o, i]}"
             )
-        b = self.model.get(f"{m}.bias")
-        if b is not None:
-            self.used.add(f"{m}.bias")
-        bias = torch.zeros(o, dtype=w.dtype) if b is None else b
-        s = self._t(self.scales, f"{m}.weight.scale.0", "scale", "scale.pt").reshape(o, -1)
-        if s.shape[1] * packing.AWQ_GROUP != i:
+        bias = self._t(self.model, f"{m}.bias", "bias", "model.pt")  # FLUX's adaLN has one
+        s = self._t(self.scales, f"{m}.weight.scale.0", "scale", "scale.pt")
+        if s.numel() * packing.AWQ_GROUP != o * i:
             raise ForeignFormatError(f"scale.pt {m + '.weight.scale.0'!r} is not [O, I/64]")
+        s = s.reshape(o, -1)
         sf = s.to(torch.float32)
+        if not bool((sf > 0).all()):
+            raise ForeignFormatError(f"scale.pt {m + '.weight.scale.0'!r} holds scales <= 0")
         q = ((w.to(torch.float32).reshape(o, -1, packing.AWQ_GROUP) + (7 * sf)[..., None])
              / sf[..., None]).round().reshape(o, i)  # fmt: skip
         if int(q.min()) < 0 or int(q.max()) > 14:

@@ -1,30 +1,21 @@
 """Read a dcgen_quant checkpoint lazily, one tensor at a time (for streaming conversions).
 
 :class:`CheckpointSource` opens a checkpoint file (or sharded directory) written by
-``save_quantized``: it validates the metadata (format, version, JSON) and the name, dtype and
-shape of every tensor from the safetensors headers alone, then hands out tensors on demand,
-each checked against its CRC-32. :class:`StateDictSource` offers the same interface over an
-in-memory state dict (tensors may be on the meta device: shapes and dtypes only), which is how a
-full-size model is planned without materializing it.
+``save_quantized``: its headers go through every check ``load_quantized`` runs before reading a
+tensor (:func:`dcgen_quant.checkpoint.open_header`), then it hands out tensors on demand, each
+checked against its CRC-32 and its value rules. :class:`StateDictSource` offers the same
+interface over an in-memory state dict (tensors may be on the meta device: shapes and dtypes
+only), which is how a full-size model is planned without materializing it.
 """
 
 from __future__ import annotations
 
-import json
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import (
-    INDEX_NAME,
-    CheckpointError,
-    _expected_layer_tensors,
-    read_metadata,
-)
-from .safetensors_stream import DTYPES_BY_NAME
+from ..checkpoint import CheckpointError, _expected_layer_tensors, check_tensor, open_header
 
 
 class _SourceBase:
@@ -74,10 +65,12 @@ class CheckpointSource(_SourceBase):
     Parameters
     ----------
     path : ``*.safetensors`` file or sharded checkpoint directory
-    verify : check each tensor against its CRC-32 when it is read
+    verify : check each tensor against its CRC-32 and its values (finite scales, positive
+        smoothing factors, ...) when it is read, as ``load_quantized`` does
 
-    Raises CheckpointError (a ValueError) naming the problem: not a checkpoint, truncated,
-    metadata missing or malformed, a quantized layer's tensor missing or of the wrong shape.
+    The files, metadata, header checksum and model config go through every check of
+    :func:`dcgen_quant.checkpoint.open_header` first. Raises CheckpointError (a ValueError)
+    naming the problem.
     """
 
     def __init__(self, path: str | Path, verify: bool = True):
@@ -85,87 +78,31 @@ class CheckpointSource(_SourceBase):
         if not path.exists():
             raise FileNotFoundError(f"input checkpoint not found: {path}")
         self.name = str(path)
-        meta = read_metadata(path)
+        self._opened = open_header(path)
+        meta = self._opened.meta
         self.layers = meta["layers"]
-        model = meta["model"] if isinstance(meta["model"], dict) else {}
-        self.model_class = str(model.get("class"))
-        self.config = dict(model.get("config") or {})
-        self.quantization_config = dict(meta["quantization_config"] or {})
-        self.checksums = meta["checksums"] if isinstance(meta["checksums"], dict) else {}
+        self.model_class = meta["model"]["class"]
+        self.config = dict(meta["model"].get("config") or {})
+        self.quantization_config = dict(meta["quantization_config"])
+        self.checksums = meta["checksums"]
         self.verify = verify
-        if path.is_dir():
-            index = json.loads((path / INDEX_NAME).read_text())
-            files = {key: path / shard for key, shard in index["weight_map"].items()}
-        else:
-            files = None
-        self._files: dict[Path, Any] = {}
-        self._where: dict[str, tuple[Path, int, int]] = {}  # key -> (file, begin, end)
-        self._info = {}
-        for file in sorted(set(files.values())) if files else [path]:
-            header, data_start = _read_header(file)
-            for key, entry in header.items():
-                if key == "__metadata__" or (files is not None and files.get(key) != file):
-                    continue
-                dtype = DTYPES_BY_NAME.get(entry.get("dtype"))
-                if dtype is None:
-                    raise CheckpointError(f"{file}: tensor {key!r} has dtype {entry.get('dtype')}")
-                begin, end = entry["data_offsets"]
-                self._info[key] = (dtype, tuple(int(x) for x in entry["shape"]))
-                self._where[key] = (file, data_start + int(begin), data_start + int(end))
-        if files is not None and (missing := sorted(set(files) - set(self._info))):
-            raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from its shard")
+        self._info = {k: (e.dtype, e.shape) for k, e in self._opened.files.tensors.items()}
         self._check_layers()
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor ``key`` (CPU), checked against its checksum when ``verify``.
+        """The tensor ``key`` (CPU), checked when ``verify``.
 
         Read with plain file reads into fresh memory (not memory-mapped), so that a streaming
         conversion holds only the tensors it is working on."""
         if key not in self._info:
             raise CheckpointError(f"{self.name}: tensor {key!r} is missing")
-        file, begin, end = self._where[key]
-        if file not in self._files:
-            self._files[file] = open(file, "rb", buffering=0)  # noqa: SIM115 (kept open)
-        fh = self._files[file]
-        buf = bytearray(end - begin)
-        fh.seek(begin)
-        if fh.readinto(buf) != len(buf):
-            raise CheckpointError(f"cannot read tensor {key!r} from {file}: file truncated")
-        dtype, shape = self._info[key]
-        t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-        t = t.view(dtype).reshape(shape)
-        if self.verify and self.checksums.get(key) != f"{zlib.crc32(buf):08x}":
-            raise CheckpointError(
-                f"tensor {key!r} does not match its checksum: {self.name} was altered or corrupted"
-            )
+        _, t = next(self._opened.files.read([key]))
+        if self.verify:
+            check_tensor(self._opened, key, t)
         return t
 
     def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-        self._files.clear()
-
-
-def _read_header(file: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and where its data starts; CheckpointError for a
-    missing, truncated or foreign file."""
-    if not file.is_file():
-        raise CheckpointError(f"checkpoint shard missing: {file}")
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(fh.read(n))
-        ends = [int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"]
-    except (ValueError, KeyError, TypeError, struct.error) as exc:
-        raise CheckpointError(
-            f"{file} is not a readable safetensors file (truncated?): {exc}"
-        ) from None
-    if 8 + n + max(ends, default=0) > size:
-        raise CheckpointError(f"{file} is not a readable safetensors file (truncated?)")
-    return header, 8 + n
+        """Nothing stays open between reads (kept for the source interface)."""
 
 
 class StateDictSource(_SourceBase):

@@ -87,25 +87,85 @@ def _load_model(spec: str, dtype, device: str) -> tuple[Any, Any, str]:
     import diffusers
 
     if (path / "model_index.json").is_file():
-        pipe = diffusers.DiffusionPipeline.from_pretrained(
-            path, local_files_only=True, torch_dtype=dtype
-        ).to(device)
+        _json_object(path / "model_index.json", spec)
+        pipe = _from_pretrained(diffusers.DiffusionPipeline, path, spec, dtype)
         if getattr(pipe, "transformer", None) is None:
             raise ValueError(f"--model {spec!r}: the pipeline has no transformer to quantize")
-        return pipe.transformer, pipe, path.name
+        return pipe.to(device).transformer, pipe, path.name
     if (path / "config.json").is_file():
-        import json
-
-        name = json.loads((path / "config.json").read_text()).get("_class_name")
-        cls = getattr(diffusers, str(name), None)
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            raise ValueError(f"--model {spec!r}: config.json names {name!r}, not a diffusers model")
-        model = cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        name = _json_object(path / "config.json", spec).get("_class_name")
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+        if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+            raise ValueError(
+                f"--model {spec!r}: config.json names {name!r}, not a diffusers model class"
+            )
+        model = _from_pretrained(cls, path, spec, dtype)
         return model.to(device).eval(), None, path.name
     raise ValueError(
         f"--model {spec!r} is not a diffusers model or pipeline directory "
         "(no config.json or model_index.json)"
     )
+
+
+def _json_object(path: Path, spec: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"--model {spec!r}: {path.name} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"--model {spec!r}: {path.name} holds a JSON {type(value).__name__}, not an object"
+        )
+    return value
+
+
+def _from_pretrained(cls, path: Path, spec: str, dtype):
+    """``cls.from_pretrained`` of a local directory, its failures (missing, truncated or
+    foreign weight files, configs it cannot build) reported as one ValueError naming --model."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its errors: reported below
+    try:
+        return cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+    except Exception as exc:  # diffusers, safetensors and torch raise many types for bad files
+        lines = str(exc).strip().splitlines()
+        detail = lines[0] if lines else ""
+        raise ValueError(
+            f"--model {spec!r}: cannot load {getattr(cls, '__name__', cls)} from {path}: "
+            f"{type(exc).__name__}: {detail}"
+        ) from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def check_rank(model, config) -> None:
+    """Refuse a rank that some W4A4 layer cannot hold (above min(N, K) of a layer or fused
+    group), rather than silently clamping it there."""
+    from ..models.base import family_for
+
+    if config.rank == 0:
+        return
+    family = family_for(model)
+    limit, where = None, None
+    for name, block in family.blocks(model):
+        for group in family.plan_block(name, block, config).groups:
+            if group.kind != "w4a4":
+                continue
+            members = [model.get_submodule(n) for n in group.names]
+            n = sum(getattr(m, "out_features", getattr(m, "out_channels", 0)) for m in members)
+            k = getattr(members[0], "in_features", getattr(members[0], "in_channels", 0))
+            widths = [k] if group.split_at is None else [group.split_at, k - group.split_at]
+            for width in widths:
+                if limit is None or min(n, width) < limit:
+                    limit, where = min(n, width), group.names[0]
+    if limit is not None and config.rank > limit:
+        raise ValueError(
+            f"--rank {config.rank} is larger than layer {where} can hold (min(N, K) = {limit}); "
+            f"use --rank {limit} or less"
+        )
 
 
 def _calibration(model, pipe, args) -> list[dict]:
@@ -128,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..capabilities import check_device
     from ..checkpoint import check_output, save_quantized
     from ..inspect_cli import summarize
     from ..tables import emit
@@ -135,7 +196,10 @@ def run(args: argparse.Namespace) -> int:
     from .state import RunState
 
     if args.calib_samples < 1 or args.steps < 1:
-        raise ValueError("--calib-samples and --steps must be >= 1")
+        raise ValueError(
+            f"--calib-samples and --steps must be >= 1, got {args.calib_samples} and {args.steps}"
+        )
+    device = check_device(args.device, "--device")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     threads = args.threads or (1 if args.model.startswith("tiny-") else None)
@@ -155,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.out is not None:
         check_output(args.out)  # before any work: never destroy what the user has there
-    model, pipe, name = _load_model(args.model, dtype, args.device)
+    model, pipe, name = _load_model(args.model, dtype, device)
+    check_rank(model, config)
     out = check_output(args.out or Path(f"{name}-{config.format}-r{config.rank}.safetensors"))
     state_dir = out.with_name(out.name + ".partial")
     if state_dir.exists() and not args.resume:

@@ -10,7 +10,10 @@ any point leaves either the previous or the new consistent state):
 ``inputs-NNNN.pt``           the cached inputs of block NNNN for every calibration sample
 
 The fingerprint covers the model class and config, its weights, the QuantConfig and the
-calibration data; a state_dir written for anything else is refused.
+calibration data; a state_dir written for anything else is refused. ``progress.json`` records
+the SHA-256 of every file it names and of its own content, and a resumed run checks them all
+before using any: a damaged state (a truncated or altered block file, an edited or unreadable
+progress.json) is refused naming the file, never turned into a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text
+from ..checkpoint_files import save_safetensors
 from .report import QuantReport
 
-VERSION = 1
+VERSION = 2  # 2: SHA-256 of every state file and of progress.json itself
 _SAMPLE = 1 << 20  # elements hashed per tensor (strided sample of larger tensors)
 
 
@@ -74,6 +78,19 @@ def fingerprint(model: nn.Module, calib, config) -> dict[str, str]:
     }
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _progress_sha256(progress: dict[str, Any]) -> str:
+    body = {k: v for k, v in progress.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the qualified ``name`` inside ``root`` (works for ModuleList items)."""
     parent_name, _, leaf = name.rpartition(".")
@@ -117,6 +134,23 @@ class RunState:
                 f"({', '.join(sorted(foreign)[:3])}); refusing to delete it"
             )
 
+    def _damaged(self, what: str, problem: str) -> ValueError:
+        return ValueError(
+            f"resume state {self.dir}: {what} {problem}; the state cannot be used: delete "
+            f"{self.dir} to start over (CLI: run the same command without --resume)"
+        )
+
+    def _checked_file(self, name: Any, digest: Any) -> Path:
+        """The state file ``name``, after checking it against its recorded SHA-256."""
+        if not isinstance(name, str) or name != Path(name).name or not _is_state_file(name):
+            raise self._damaged("progress.json", f"names an unexpected file {name!r}")
+        path = self.dir / name
+        if not path.is_file():
+            raise self._damaged(name, "is missing")
+        if not isinstance(digest, str) or _file_sha256(path) != digest:
+            raise self._damaged(name, "does not match its SHA-256 (truncated or altered)")
+        return path
+
     def load(self) -> dict[str, Any] | None:
         """The saved progress, None for a new run; ValueError if it belongs to another run."""
         if not self.progress_path.exists():
@@ -135,14 +169,19 @@ class RunState:
             return None
         try:
             progress = json.loads(self.progress_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"state_dir {self.dir}: unreadable progress.json ({exc})") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise self._damaged("progress.json", f"is unreadable ({exc})") from None
+        if not isinstance(progress, dict):
+            raise self._damaged("progress.json", "is not a JSON object")
         if progress.get("version") != VERSION:
-            raise ValueError(
-                f"state_dir {self.dir}: progress version {progress.get('version')!r}, "
-                f"expected {VERSION}"
+            raise self._damaged(
+                "progress.json",
+                f"has version {progress.get('version')!r} (this dcgen_quant writes {VERSION})",
             )
-        saved = progress.get("fingerprint", {})
+        if progress.get("sha256") != _progress_sha256(progress):
+            raise self._damaged("progress.json", "does not match its SHA-256 (edited?)")
+        saved = progress.get("fingerprint")
+        saved = saved if isinstance(saved, dict) else {}
         differ = [k for k in self.fp if saved.get(k) != self.fp[k]]
         if differ:
             raise ValueError(
@@ -157,10 +196,13 @@ class RunState:
 
         Returns (index of the next block, that block's cached inputs or None, report so far).
         """
+        # progress.json matched its own SHA-256, so its structure is what save() wrote; the
+        # files it names are checked against theirs before they are read
         report = QuantReport.from_dict(progress["report"])
         by_name = {layer.name: layer for layer in report.layers}
         for block in progress["blocks"]:
-            tensors = load_file(str(self.dir / block["file"]), device=str(device))
+            path = self._checked_file(block["file"], block.get("sha256"))
+            tensors = load_file(str(path), device=str(device))
             for name in block["modules"]:
                 module = make_module(by_name[name]).to(device)
                 prefix = name + "."
@@ -169,9 +211,8 @@ class RunState:
                 replace_module(model, name, module)
         inputs = None
         if progress.get("inputs_file"):
-            inputs = torch.load(
-                self.dir / progress["inputs_file"], map_location=device, weights_only=True
-            )
+            path = self._checked_file(progress["inputs_file"], progress.get("inputs_sha256"))
+            inputs = torch.load(path, map_location=device, weights_only=True)
         return progress["next_block"], inputs, report
 
     def save(
@@ -193,21 +234,28 @@ class RunState:
             for key, t in module.state_dict().items()
         }
         with atomic_path(self.dir / block_file) as tmp:
-            save_file(tensors, str(tmp))
-        blocks.append({"file": block_file, "modules": list(modules)})
-        inputs_file = None
+            save_safetensors(tensors, tmp, None, self.dir / block_file)
+            block_sha = _file_sha256(tmp)
+        blocks.append({"file": block_file, "modules": list(modules), "sha256": block_sha})
+        inputs_file = inputs_sha = None
         if inputs is not None:
             inputs_file = f"inputs-{block_index + 1:04d}.pt"
             with atomic_path(self.dir / inputs_file) as tmp:
-                torch.save(inputs, tmp)
+                # through a file object: a full disk then raises OSError(ENOSPC), where
+                # torch.save(path) raises "enforce fail at inline_container.cc"
+                with open(tmp, "wb") as fh:
+                    torch.save(inputs, fh)
+                inputs_sha = _file_sha256(tmp)
         new = {
             "version": VERSION,
             "fingerprint": self.fp,
             "next_block": block_index + 1,
             "blocks": blocks,
             "inputs_file": inputs_file,
+            "inputs_sha256": inputs_sha,
             "report": report.to_dict(),
         }
+        new["sha256"] = _progress_sha256(new)
         atomic_write_text(self.progress_path, json.dumps(new, indent=1))
         if old_inputs and old_inputs != inputs_file:
             (self.dir / old_inputs).unlink(missing_ok=True)

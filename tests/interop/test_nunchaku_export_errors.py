@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dcgen_quant.checkpoint import _crc32
+from dcgen_quant.checkpoint import _crc32, seal_metadata, tensor_table
 from dcgen_quant.cli import main
 from dcgen_quant.formats import quantize_weight
 from dcgen_quant.formats.int4 import pack_int4, unpack_int4
@@ -33,7 +33,8 @@ def base(quantized_flux):
 
 def rewrite(src, dst, update=None, drop=(), layers=None, model=None):
     """A copy of checkpoint ``src`` with tensors replaced / dropped and metadata edited (the
-    checksums of replaced tensors updated, as a consistent but different checkpoint)."""
+    checksums of replaced tensors and the header checksum updated, as a consistent but different
+    checkpoint)."""
     tensors = load_file(str(src))
     meta = safe_open(str(src), framework="pt").metadata()
     checks = json.loads(meta["checksums"])
@@ -48,7 +49,7 @@ def rewrite(src, dst, update=None, drop=(), layers=None, model=None):
         meta["layers"] = json.dumps(layers(json.loads(meta["layers"])))
     if model is not None:
         meta["model"] = json.dumps(model(json.loads(meta["model"])))
-    save_file(tensors, str(dst), metadata=meta)
+    save_file(tensors, str(dst), metadata=seal_metadata(meta, tensor_table(tensors)))
     return dst
 
 
@@ -184,12 +185,15 @@ def test_layer_kept_16bit_where_nunchaku_is_4bit(base, tmp_path, capsys):
     assert_refused(capsys, src, tmp_path / "nk.safetensors", name, "16 bits")
 
 
-def test_sana_is_not_supported_yet(base, tmp_path, capsys):
-    def sana(model):
-        model["class"] = "SanaTransformer2DModel"
-        return model
+def test_sana_is_not_supported_yet(tmp_path, capsys):
+    from bench.w4a4 import convert_to_w4a4
+    from dcgen_quant.checkpoint import save_quantized
+    from dcgen_quant.models.tiny import tiny_sana
+    from dcgen_quant.quantize.config import QuantConfig
 
-    src = rewrite(base, tmp_path / "in.safetensors", model=sana)
+    model = tiny_sana(seed=0)  # a real SANA checkpoint (random 4-bit contents)
+    convert_to_w4a4(model, "int4", rank=4, fuse=False)
+    src = save_quantized(model, tmp_path / "in.safetensors", config=QuantConfig(rank=4))
     assert_refused(capsys, src, tmp_path / "nk.safetensors", "SANA", "not supported yet")
 
 

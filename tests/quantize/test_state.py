@@ -24,13 +24,23 @@ def test_new_and_foreign_state_dirs(tmp_path):
 
 
 def test_progress_checks(tmp_path):
+    from dcgen_quant.quantize.state import VERSION, _progress_sha256
+
+    def write(progress, seal=True):
+        if seal:
+            progress = {**progress, "sha256": _progress_sha256(progress)}
+        (tmp_path / "progress.json").write_text(json.dumps(progress))
+
     (tmp_path / "progress.json").write_text("{not json")
-    with pytest.raises(ValueError, match="unreadable progress.json"):
+    with pytest.raises(ValueError, match="progress.json is unreadable.*without --resume"):
         RunState(tmp_path, FP).load()
-    (tmp_path / "progress.json").write_text(json.dumps({"version": 99, "fingerprint": FP}))
-    with pytest.raises(ValueError, match="progress version 99, expected 1"):
+    write({"version": 99, "fingerprint": FP})
+    with pytest.raises(ValueError, match=f"progress.json has version 99 .*writes {VERSION}"):
         RunState(tmp_path, FP).load()
-    (tmp_path / "progress.json").write_text(json.dumps({"version": 1, "fingerprint": FP}))
+    write({"version": VERSION, "fingerprint": FP}, seal=False)
+    with pytest.raises(ValueError, match="progress.json does not match its SHA-256"):
+        RunState(tmp_path, FP).load()
+    write({"version": VERSION, "fingerprint": FP})
     assert RunState(tmp_path, FP).load()["fingerprint"] == FP
     other = {**FP, "calibration": "x", "weights": "y"}
     with pytest.raises(ValueError, match=r"different run \(weights, calibration differ\)"):

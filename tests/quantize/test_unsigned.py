@@ -166,8 +166,8 @@ def test_version_1_file_with_unsigned_layers_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "layer,value,message",
     [
-        ("transformer_blocks.0.norm1.linear", True, "needs a W4A4 \\(svdq\\) layer"),
-        ("transformer_blocks.0.ff.net.2", "yes", "act_unsigned='yes'"),
+        ("transformer_blocks.0.norm1.linear", True, "only on an int4 W4A4 \\(svdq\\) layer"),
+        ("transformer_blocks.0.ff.net.2", "yes", "act_unsigned' is 'yes'; expected true or false"),
     ],
 )
 def test_bad_act_unsigned_metadata_is_named(tmp_path, layer, value, message):
@@ -290,7 +290,7 @@ SPLIT = "single_transformer_blocks.0.proj_out"
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda m: m[SPLIT].update(splits=[256, 1000]), r"splits=\[256, 1000\] must be two or"),
+        (lambda m: m[SPLIT].update(splits=[256, 1000]), r"splits' is \[256, 1000\]; expected two"),
         (lambda m: m.pop(f"{SPLIT}.parts.1"), "has no valid 'layers' entry for its part"),
     ],
 )  # fmt: skip

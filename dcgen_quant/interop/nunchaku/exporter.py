@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ... import __version__
-from ...atomic import TargetExistsError, atomic_path, check_target
+from ...atomic import TargetExistsError, atomic_path, check_target, check_writable
 from ...checkpoint import CheckpointError, _expected_layer_tensors
 from ..safetensors_stream import StreamingWriter
 from ..source import CheckpointSource
@@ -392,6 +392,7 @@ def _check_output(out: Path, inputs: Path) -> None:
     if out.exists() and inputs.exists() and out.resolve() == inputs.resolve():
         raise ValueError(f"output {out} is the input checkpoint")
     check_target(out)
+    check_writable(out)  # before any work
     if out.is_file():
         from safetensors import safe_open
 

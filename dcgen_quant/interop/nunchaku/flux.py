@@ -173,15 +173,24 @@ def infer_config(shapes: dict[str, tuple[int, ...]], names: list[str]) -> dict[s
     }
 
 
-def parse_config(value: Any, where: str) -> dict[str, Any]:
-    """A diffusers config from a dict, a JSON string or a JSON file path; FLUX class checked."""
+def parse_config(value: Any, where: str, text_only: bool = False) -> dict[str, Any]:
+    """A diffusers config from a dict, a JSON string or a JSON file path; FLUX class checked.
+
+    ``text_only``: ``value`` is JSON text from a file's metadata, never a path to follow.
+    """
     from pathlib import Path
 
-    if isinstance(value, (str, Path)) and not str(value).lstrip().startswith("{"):
+    path_like = isinstance(value, Path) or (
+        isinstance(value, str) and not text_only and not value.lstrip().startswith("{")
+    )
+    if path_like:
         path = Path(value)
         if not path.is_file():
             raise FileNotFoundError(f"config {path} does not exist")
-        value = path.read_text()
+        try:
+            value = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ForeignFormatError(f"{where}: config is not UTF-8 text") from None
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -195,3 +204,46 @@ def parse_config(value: Any, where: str) -> dict[str, Any]:
             f"{where}: config is for {cls!r}; only FLUX (FluxTransformer2DModel) is supported yet"
         )
     return {k: v for k, v in value.items() if not k.startswith("_")}
+
+
+_CONFIG_INTS = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                "num_attention_heads", "joint_attention_dim", "pooled_projection_dim")  # fmt: skip
+_MAX_DIM = 1 << 20  # no FLUX-class width comes near; bounds what a hostile config can allocate
+
+
+def check_config(config: dict[str, Any], names: Any, where: str) -> None:
+    """Sanity of a FLUX config before any module is built from it (issue 13): positive integer
+    sizes, rotary axes summing to the head dim, and block counts equal to the blocks ``names``
+    (the source's tensor names) hold, so that a config edit cannot make the loader build a
+    million-block model or divide by zero. Raises ForeignFormatError naming the key."""
+    for key in _CONFIG_INTS:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_DIM:
+            raise ForeignFormatError(
+                f"{where}: config {key!r} is {value!r}; expected an integer in 1..{_MAX_DIM}"
+            )
+    out = config.get("out_channels")
+    if out is not None and (isinstance(out, bool) or not isinstance(out, int) or out < 1):
+        raise ForeignFormatError(f"{where}: config 'out_channels' is {out!r}")
+    axes = config.get("axes_dims_rope")
+    head = config["attention_head_dim"]
+    if (
+        not isinstance(axes, (list, tuple))
+        or not axes
+        or any(isinstance(a, bool) or not isinstance(a, int) or a < 2 or a % 2 for a in axes)
+        or sum(axes) != head
+    ):
+        raise ForeignFormatError(
+            f"{where}: config 'axes_dims_rope' is {axes!r}; expected even positive integers "
+            f"summing to attention_head_dim {head}"
+        )
+    for prefix, key in ((DOUBLE, "num_layers"), (SINGLE, "num_single_layers")):
+        ids = set()
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == prefix and len(parts) > 1 and parts[1].isdigit():
+                ids.add(int(parts[1]))
+        if len(ids) != config[key]:
+            raise ForeignFormatError(
+                f"{where}: config {key!r} is {config[key]}; the file holds {len(ids)} {prefix}"
+            )

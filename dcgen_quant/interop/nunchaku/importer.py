@@ -89,7 +89,7 @@ def _skeleton(config: dict) -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
     try:
-        with checkpoint._parameters_on_meta():
+        with checkpoint.parameters_on_meta():
             return FluxTransformer2DModel.from_config(config)
     except (TypeError, ValueError, AttributeError) as exc:
         raise ForeignFormatError(f"the FLUX config is not valid: {exc}") from None
@@ -125,6 +125,7 @@ def _svdq(k, n, rank, fmt, dtype, unsigned) -> SVDQLinear:
 def build_plan(source, model: nn.Module | None = None) -> Plan:
     """Install our layers (on the meta device) into ``model`` (default: a skeleton built from
     ``source.config``) and record how every block is converted."""
+    flux.check_config(source.config, source.index, str(source.path))
     model = model if model is not None else _skeleton(source.config)
     fmt, dtype = source.fmt, source.dtype
     _cast(model, dtype)  # the 16-bit modules kept as they are take the checkpoint's dtype
@@ -359,7 +360,7 @@ def _close(source) -> None:
 
 def _load(source, path, model, device, layout, fuse, progress) -> nn.Module:
     if model is not None:
-        checkpoint._check_model_matches(
+        checkpoint.check_model_matches(
             model, {"class": "FluxTransformer2DModel", "config": source.config}
         )
     plan = build_plan(source, model)

@@ -158,7 +158,8 @@ class NunchakuSource:
         if given is not None:
             return flux.parse_config(given, "given config")
         if self.kind == "nunchaku" and "config" in self.metadata:
-            return flux.parse_config(self.metadata["config"], f"{self.path} metadata 'config'")
+            where = f"{self.path} metadata 'config'"
+            return flux.parse_config(self.metadata["config"], where, text_only=True)
         if self.kind == "nunchaku-legacy" and (self.path / "config.json").is_file():
             return flux.parse_config(self.path / "config.json", str(self.path / "config.json"))
         shapes = {k: info.shape for k, (_, info) in self.index.items()}
