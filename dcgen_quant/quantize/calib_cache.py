@@ -170,9 +170,7 @@ class CalibCache:
             static, dyn = self.static[i], self.dynamic[i]
         return {**static, **dyn}
 
-    def iterate(
-        self, device, batch: int = 1, indices=None
-    ) -> Iterator[tuple[int, dict[str, Any]]]:
+    def iterate(self, device, batch: int = 1, indices=None) -> Iterator[tuple[int, dict[str, Any]]]:
         """(index, keyword inputs on ``device``) for this rank's samples (or ``indices``), in
         order; disk samples are read a batch ahead on a background thread."""
         order = list(self.indices if indices is None else indices)

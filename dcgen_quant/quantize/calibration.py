@@ -150,8 +150,10 @@ class TokenReservoir:
         merged = cls(capacity, seed)
         parts = [p for p in parts if p[1] is not None]
         merged.seen = sum(p[2] for p in parts)
-        if parts:
-            move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        if len(parts) == 1:  # one process: nothing to merge (and no copy)
+            merged.keys, merged.data = move(parts[0][0]), move(parts[0][1])
+        elif parts:
             merged._keep([move(p[0]) for p in parts], [move(p[1]) for p in parts])
         return merged
 

@@ -64,7 +64,9 @@ def fmt_bytes(n: float) -> str:
 def available_host_memory() -> int:
     """``MemAvailable`` of /proc/meminfo (what the kernel can give without swapping)."""
     try:
-        for line in open("/proc/meminfo").read().splitlines():
+        with open("/proc/meminfo") as fh:
+            lines = fh.read().splitlines()
+        for line in lines:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -125,10 +127,11 @@ class Plan:
 
     def lines(self) -> list[str]:
         cal = self.rank_samples * self.sample_bytes
+        total = fmt_bytes(self.samples * self.sample_bytes)
         out = [
             f"plan: {self.model_class}, {self.block_kinds} blocks on {self.device}"
             f"{f' x {self.world} ranks' if self.world > 1 else ''}; calibration {self.samples} "
-            f"inputs of {fmt_bytes(self.sample_bytes)} ({fmt_bytes(self.samples * self.sample_bytes)}"
+            f"inputs of {fmt_bytes(self.sample_bytes)} ({total}"
             f"{f', {self.rank_samples} on this rank' if self.world > 1 else ''})",
             f"  largest block {fmt_bytes(self.block_bytes)} in 16 bits, "
             f"{fmt_bytes(self.quantized_block_bytes)} quantized; outside the blocks "
@@ -218,12 +221,12 @@ def make_plan(
             f"{fmt_bytes(block_bytes)}, quantization working set {fmt_bytes(reservoirs + work)}, "
             f"one sample {fmt_bytes(sample_bytes)})"
         )
-    if plan.cuda and plan.device_capacity is not None:
-        if plan.device_need + sample_bytes > plan.device_capacity:
-            raise ValueError(
-                f"{device} has {fmt_bytes(plan.device_capacity)} free; one block plus its batch "
-                f"needs about {fmt_bytes(plan.device_need + sample_bytes)}"
-            )
+    capacity = plan.device_capacity
+    if plan.cuda and capacity is not None and plan.device_need + sample_bytes > capacity:
+        raise ValueError(
+            f"{device} has {fmt_bytes(capacity)} free; one block plus its batch needs about "
+            f"{fmt_bytes(plan.device_need + sample_bytes)}"
+        )
     if batch is None:
         batch = 1
         if plan.cuda and plan.device_capacity is not None:

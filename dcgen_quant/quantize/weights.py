@@ -206,7 +206,9 @@ def model_class_from_config(directory: Path) -> tuple[type, dict[str, Any]]:
     name = config.get("_class_name")
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and hasattr(cls, "from_config")):
-        raise ValueError(f"--model {str(directory)!r}: config.json names {name!r}, not a diffusers model")
+        raise ValueError(
+            f"--model {str(directory)!r}: config.json names {name!r}, not a diffusers model"
+        )
     return cls, config
 
 
