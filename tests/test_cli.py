@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import dcgen_quant.quantize.model as model_module
+import dcgen_quant.quantize.streaming as streaming_module
 from dcgen_quant.checkpoint import load_quantized
 from dcgen_quant.cli import main
 from dcgen_quant.models import synthetic_calibration
@@ -116,22 +116,22 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, mon
     assert main([*args, "--out", str(tmp_path / "full.safetensors")]) == 0
 
     calls = {"n": 0}
-    original = model_module.run_block
+    original = streaming_module.quantize_block
 
     def interrupt_in_second_block(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:  # block 0 is saved, block 1 is quantized but not saved
+        if calls["n"] == 2:  # block 0 is saved, block 1 is being quantized
             raise KeyboardInterrupt
         return original(*a, **k)
 
-    monkeypatch.setattr(model_module, "run_block", interrupt_in_second_block)
+    monkeypatch.setattr(streaming_module, "quantize_block", interrupt_in_second_block)
     out = tmp_path / "resumed.safetensors"
     assert main([*args, "--out", str(out)]) == 130
     partial = out.with_name(out.name + ".partial")
     assert not out.exists() and sorted(p.name for p in partial.glob("block-*")) == [
         "block-0000.safetensors"
     ]
-    monkeypatch.setattr(model_module, "run_block", original)
+    monkeypatch.setattr(streaming_module, "quantize_block", original)
     assert main([*args, "--out", str(out), "--resume"]) == 0
     assert not out.with_name(out.name + ".partial").exists()
     full = load_quantized(tmp_path / "full.safetensors").state_dict()

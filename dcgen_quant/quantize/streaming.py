@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from .calibration import capture_block_inputs, check_calibration
 from .config import QuantConfig
 from .distributed import SOLO, Dist
 from .layer import check_finite
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, plan_dict
 from .report import QuantReport
 from .state import replace_module
 from .stream_state import StreamState, stream_fingerprint
@@ -89,6 +89,7 @@ class StreamOptions:
     progress: bool = True
     resume: bool = True  # continue from the state directory's progress when it has some
     log: Callable[[str], None] | None = None  # where rank 0 prints the plan (default stderr)
+    stats: dict[str, Any] = field(default_factory=dict)  # filled: "plan", "cache" (this rank)
 
 
 def _first_error(dist: Dist, message: str | None) -> None:
@@ -188,6 +189,7 @@ class _Run:
         )  # fmt: skip
         for line in plan.lines():
             self.log(line)
+        self.options.stats["plan"] = plan_dict(plan)
         return plan
 
     def fill_cache(self, plan: Plan, start: int) -> CalibCache:
@@ -245,7 +247,7 @@ class _Run:
                 self.state.save(progress)
                 cache.drop_generations_below(index + 1)
             release(block)
-        self.cache_stats = cache.stats()
+        self.options.stats["cache"] = cache.stats()
         if main:
             self.write_checkpoint(progress, report)
         self.dist.barrier()

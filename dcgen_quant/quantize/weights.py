@@ -2,11 +2,12 @@
 
 * :class:`SafetensorsWeights`: a diffusers model directory (``config.json`` plus
   ``diffusion_pytorch_model.safetensors``, or shards listed in
-  ``diffusion_pytorch_model.safetensors.index.json``). Each tensor is read through its own
-  ``safe_open`` (a memory map of the file, closed again right after), copied into a fresh
-  allocation on the target device and dtype: no more than the tensor being read is ever mapped,
-  and the copy is aligned like torch's own allocations (MKL rounds some misaligned inputs
-  differently, see checkpoint.py).
+  ``diffusion_pytorch_model.safetensors.index.json``). The headers are parsed once; each tensor
+  is then read from its byte range straight into a fresh allocation, converted to the target
+  dtype and device: only the tensor being read is ever in memory (the page cache aside), and it
+  is aligned like torch's own allocations (MKL rounds some misaligned inputs differently, see
+  checkpoint.py). ``safe_open`` would map the whole shard for every tensor, which counts
+  against the process (and torch's profiler reports it as allocated) while the map lives.
 * :class:`ModuleWeights`: the tensors of a model that is already in memory (the built-in tiny
   models), read the same way.
 
@@ -57,22 +58,23 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 class TensorFiles:
-    """Tensors spread over safetensors files: key -> (file, dtype, shape)."""
+    """Tensors spread over safetensors files: key -> (file, dtype, shape, byte range)."""
 
     def __init__(self, files: list[Path]):
         self.files = files
         self.where: dict[str, Path] = {}
-        self.info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.info: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for file in files:
-            header, _ = read_header(file)
+            header, start = read_header(file)
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
                 dtype = ST_DTYPES.get(entry.get("dtype"))
                 if dtype is None:
                     raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {entry!r}")
+                begin, end = entry["data_offsets"]
                 self.where[key] = file
-                self.info[key] = (dtype, tuple(entry["shape"]))
+                self.info[key] = (dtype, tuple(entry["shape"]), start + begin, start + end)
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -81,20 +83,36 @@ class TensorFiles:
         return key in self.where
 
     def read(self, key: str, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Tensor ``key`` as a new allocation on ``device`` in ``dtype`` (default: as stored)."""
-        from safetensors import safe_open
+        """Tensor ``key`` as a new allocation on ``device`` in ``dtype`` (default: as stored).
 
+        The tensor's bytes are read straight into a fresh CPU tensor (one ``readinto`` of its
+        byte range): no mapping of the whole shard (which ``safe_open`` makes, and which counts
+        against the process while it lives), and torch's own alignment.
+        """
         if key not in self.where:
             raise KeyError(f"tensor {key!r} is not in the weights")
-        with safe_open(str(self.where[key]), framework="pt") as handle:
-            mapped = handle.get_tensor(key)
-            out = torch.empty(mapped.shape, dtype=dtype or mapped.dtype, device=device)
-            out.copy_(mapped)
-            del mapped
-        return out
+        stored, shape, begin, end = self.info[key]
+        host = torch.empty(shape, dtype=stored)
+        nbytes = host.numel() * host.element_size()
+        if nbytes != end - begin:
+            raise ValueError(f"{self.where[key]}: tensor {key!r} has {end - begin} bytes, "
+                             f"its shape and dtype need {nbytes}")  # fmt: skip
+        if nbytes:
+            view = memoryview(host.reshape(-1).view(torch.uint8).numpy())
+            with open(self.where[key], "rb") as fh:
+                fh.seek(begin)
+                done = 0
+                while done < nbytes:
+                    got = fh.readinto(view[done:])
+                    if not got:
+                        raise ValueError(f"{self.where[key]} is truncated (tensor {key!r})")
+                    done += got
+        if (dtype is None or dtype == stored) and torch.device(device).type == "cpu":
+            return host
+        return torch.empty(shape, dtype=dtype or stored, device=device).copy_(host)
 
     def nbytes(self, key: str, dtype: torch.dtype | None = None) -> int:
-        stored, shape = self.info[key]
+        stored, shape, _, _ = self.info[key]
         n = 1
         for s in shape:
             n *= s
