@@ -13,7 +13,7 @@
 #   GPU_CHECK_BUDGET_S  total seconds for all stages (default 540)
 #   GPU_CHECK_MAX_STAGE_S  upper bound on any one stage's time box (default: none)
 #   GPU_CHECK_SKIP      comma-separated stages to skip (env,wheels,build,cmake,gpu_tests,
-#                       kernel_bench,latency,quantizer_speed); default "cmake"
+#                       kernel_bench,latency,quantizer_speed,gpu_quantize); default "cmake"
 #   PYTHON              interpreter (default python3)
 #   WHEEL_DIR           carried wheels (default .whl; see bench/fetch_gpu_wheels.sh)
 #   DCGEN_QUANT_CUDA_ARCHS, DCGEN_QUANT_SKIP_CUDA   passed through to the CUDA build (default
@@ -22,7 +22,7 @@
 # With the device tool: carry [".whl"] and run, e.g.,
 #   bash bench/gpu_check.sh "$OUT/gpu" ; cp -r bench/results "$OUT/" 2>/dev/null
 # Files in OUTDIR: summary.txt, <stage>.log, latency/<gpu>-<date>.{md,json,png},
-# kernel_bench/ and quantizer_speed/ (their .md/.json), gpu_tests.xml.
+# kernel_bench/, quantizer_speed/ and gpu_quantize/ (their .md/.json), gpu_tests.xml.
 
 set -uo pipefail
 
@@ -183,6 +183,9 @@ if has_module dcgen_quant.bench.quantizer_speed; then
 else
     printf '%-16s skipped (dcgen_quant.bench.quantizer_speed not in this build)\n' quantizer_speed >>"$SUMMARY"
 fi
+
+# --- streaming quantizer: one full-size FLUX.1 double + single block, seconds and peak memory --
+stage gpu_quantize 150 "$PY -m dcgen_quant.bench.gpu_quantize --out '$OUTDIR/gpu_quantize' $( ((DRY)) && echo '--dry-run --samples 1')"
 
 # --- summary, printed last ---------------------------------------------------------------------
 {

@@ -21,6 +21,7 @@ At the end rank 0 writes the tensors outside the blocks and makes the checkpoint
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,9 @@ class StreamOptions:
     progress: bool = True
     resume: bool = True  # continue from the state directory's progress when it has some
     log: Callable[[str], None] | None = None  # where rank 0 prints the plan (default stderr)
-    stats: dict[str, Any] = field(default_factory=dict)  # filled: "plan", "cache" (this rank)
+    # filled by the run (this rank): "plan" (the plan's estimates), "cache" (the calibration
+    # cache's use), "blocks" ((name, wall seconds) per block quantized)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def _first_error(dist: Dist, message: str | None) -> None:
@@ -224,9 +227,11 @@ class _Run:
         main, progress_bar = self.dist.is_main, self.options.progress and self.dist.is_main
         bar = tqdm(range(start, len(self.blocks)), desc="blocks", unit="block",
                    initial=start, total=len(self.blocks), disable=not progress_bar)  # fmt: skip
+        timings = self.options.stats.setdefault("blocks", [])
         for index in bar:
             name, block = self.blocks[index]
             bar.set_postfix_str(name)
+            started = time.perf_counter()
             materialize(block, f"{name}.", self.source.weights, self.device, self.dtype)
             _, entries = quantize_block(
                 self.model, self.plans[index], cache.iterate(self.device, plan.batch),
@@ -247,6 +252,7 @@ class _Run:
                 self.state.save(progress)
                 cache.drop_generations_below(index + 1)
             release(block)
+            timings.append((name, time.perf_counter() - started))
         self.options.stats["cache"] = cache.stats()
         if main:
             self.write_checkpoint(progress, report)
