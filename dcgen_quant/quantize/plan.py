@@ -31,6 +31,7 @@ from ..formats import get_format
 WORK_WEIGHT = 8  # float32 [N, K] copies alive while a group is searched (W, W_hat, R, Q(R), ...)
 WORK_TOKENS = 5  # float32 [T, K] copies (x, the dtype-rounded x, x / lambda, its 4-bit value...)
 WORK_OUTPUTS = 3  # float32 [T, N] copies (reference outputs, the error, the check's outputs)
+WORK_WEIGHT_W4A16 = 4  # a W4A16 layer is rounded once: its weight, codes, dequantized weight
 ACTIVATION_FACTOR = 8  # one block forward's live activations, in units of one sample's inputs
 
 _UNITS = {
@@ -182,7 +183,8 @@ def make_plan(
             n_total = sum(n for n, _ in shapes)
             tokens = config.calib_tokens
             r += tokens * (k * dsize + 4)
-            w = max(w, 4 * (WORK_WEIGHT * n_total * k + WORK_TOKENS * tokens * k
+            copies = WORK_WEIGHT if group.kind == "w4a4" else WORK_WEIGHT_W4A16
+            w = max(w, 4 * (copies * n_total * k + WORK_TOKENS * tokens * k
                             + WORK_OUTPUTS * tokens * n_total))  # fmt: skip
             for name, (n, kk) in zip(group.names, shapes):
                 bias = getattr(model.get_submodule(name), "bias", None) is not None

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
+import dcgen_quant.quantize.streaming as streaming_module
 from dcgen_quant.cli import main
 
 from .test_streaming import assert_same_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--rank", "4", "--smooth-grid", "1", "--lowrank-iters", "0", "--calib-tokens", "32",
-        "--threads", "1", "--steps", "1"]  # fmt: skip
+        "--threads", "1", "--steps", "1", "--calib-samples", "3"]  # fmt: skip
 
 
 def _env() -> dict[str, str]:
@@ -51,32 +52,43 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process checkpoint of each tiny model (3 samples: rank 0 gets 2, rank 1 one)."""
+    made: dict[str, Path] = {}
+
+    def checkpoint(model: str) -> Path:
+        if model not in made:
+            out = tmp_path_factory.mktemp("one") / f"{model}.safetensors"
+            assert main(["quantize", "--model", model, *FAST, "--out", str(out)]) == 0
+            made[model] = out
+        return made[model]
+
+    return checkpoint
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sana"])
-def test_two_ranks_write_the_one_process_checkpoint(tmp_path, model):
-    args = ["--model", model, *FAST, "--calib-samples", "3"]  # rank 0: samples 0, 1; rank 1: 2
-    assert main(["quantize", *args, "--out", str(tmp_path / "one.safetensors")]) == 0
+def test_two_ranks_write_the_one_process_checkpoint(tmp_path, model, one_process):
     out = tmp_path / "two.safetensors"
-    done = subprocess.run(_torchrun(*args, "--out", str(out), "--json"), env=_env(),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(_torchrun("--model", model, *FAST, "--out", str(out), "--json"),
+                          env=_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(done.stdout)["rows"][0]  # rank 0 alone prints the summary
     assert row["ranks"] == 2 and row["model"] == model
     assert done.stderr.count("plan: ") == 1
-    assert_same_checkpoint(tmp_path / "one.safetensors", out)
+    assert_same_checkpoint(one_process(model), out)
     assert not out.with_name(out.name + ".partial").exists()
 
 
 @pytest.mark.slow
-def test_a_killed_rank_resumes_to_the_same_bits(tmp_path):
-    args = ["--model", "tiny-flux", *FAST, "--calib-samples", "4"]
-    assert main(["quantize", *args, "--out", str(tmp_path / "one.safetensors")]) == 0
+def test_a_killed_rank_resumes_to_the_same_bits(tmp_path, one_process, monkeypatch):
     out = tmp_path / "two.safetensors"
     progress = out.with_name(out.name + ".partial") / "progress.json"
     log = tmp_path / "killed.log"
     with open(log, "w") as err:
-        launcher = subprocess.Popen(_torchrun(*args, "--out", str(out)), env=_env(),
-                                    stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+        launcher = subprocess.Popen(_torchrun("--model", "tiny-flux", *FAST, "--out", str(out)),
+                                    env=_env(), stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
         try:
             victim, deadline = None, time.monotonic() + 300
             while victim is None and time.monotonic() < deadline and launcher.poll() is None:
@@ -84,18 +96,21 @@ def test_a_killed_rank_resumes_to_the_same_bits(tmp_path):
                     victim = _rank_pid(launcher.pid, 1)
                 time.sleep(0.02)
             assert victim is not None, "the run ended or stalled before block 0 was saved"
-            os.kill(victim, signal.SIGKILL)  # rank 1 dies in the middle of block 1 or 2
+            os.kill(victim, signal.SIGKILL)  # rank 1 dies in the middle of a later block
             launcher.wait(timeout=300)
         finally:
             if launcher.poll() is None:
                 launcher.kill()
-    err = log.read_text()
-    assert launcher.returncode != 0 and not out.exists(), err[-2000:]
+    assert launcher.returncode != 0 and not out.exists(), log.read_text()[-2000:]
     finished = json.loads(progress.read_text())["next_block"]
     assert 1 <= finished < 4
 
-    done = subprocess.run(_torchrun(*args, "--out", str(out), "--resume"), env=_env(),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resume: recomputing block {finished}'s inputs" in done.stderr
-    assert_same_checkpoint(tmp_path / "one.safetensors", out)
+    # resumed by one process (any number of ranks may resume): the finished blocks are kept,
+    # the next block's inputs are recomputed through them
+    lines: list[str] = []
+    real = streaming_module._Run.log
+    monkeypatch.setattr(streaming_module._Run, "log", lambda run, line: (lines.append(line),
+                                                                         real(run, line)))  # fmt: skip
+    assert main(["quantize", "--model", "tiny-flux", *FAST, "--out", str(out), "--resume"]) == 0
+    assert f"resume: recomputing block {finished}'s inputs of 3 samples" in lines
+    assert_same_checkpoint(one_process("tiny-flux"), out)

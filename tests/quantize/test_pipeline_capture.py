@@ -14,6 +14,15 @@ from dcgen_quant.quantize.streaming import StreamSource
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk", "a bowl of ramen"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (tiny models; and the bits of a CPU matmul may depend on the count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def assert_equal(a, b, where="record"):
     assert type(a) is type(b), where
     if isinstance(a, torch.Tensor):
