@@ -109,8 +109,12 @@ def test_a_killed_rank_resumes_to_the_same_bits(tmp_path, one_process, monkeypat
     # the next block's inputs are recomputed through them
     lines: list[str] = []
     real = streaming_module._Run.log
-    monkeypatch.setattr(streaming_module._Run, "log", lambda run, line: (lines.append(line),
-                                                                         real(run, line)))  # fmt: skip
+
+    def log(run, line):
+        lines.append(line)
+        real(run, line)
+
+    monkeypatch.setattr(streaming_module._Run, "log", log)
     assert main(["quantize", "--model", "tiny-flux", *FAST, "--out", str(out), "--resume"]) == 0
     assert f"resume: recomputing block {finished}'s inputs of 3 samples" in lines
     assert_same_checkpoint(one_process("tiny-flux"), out)
