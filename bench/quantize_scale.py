@@ -111,6 +111,8 @@ def write_random_flux(directory: Path, config: dict, seed: int = 0) -> int:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run in a child process (or every torchrun rank): stream-quantize ``spec["model"]``."""
+    import resource
+
     from dcgen_quant.models.calibration import synthetic_calibration
     from dcgen_quant.quantize import QuantConfig
     from dcgen_quant.quantize.distributed import init_from_env, shutdown
@@ -118,17 +120,22 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     dist = init_from_env("cpu")
+    # what the interpreter, torch and diffusers hold before any model work
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     source = StreamSource.from_directory(spec["model"])
     calib = synthetic_calibration(source.meta_model(), spec["samples"], spec["steps"], 0,
                                   latent_size=spec["latent_size"], text_tokens=spec["text_tokens"],
                                   dtype=torch.bfloat16, device="cpu")  # fmt: skip
-    options = StreamOptions(progress=False, log=lambda line: None)
+    options = StreamOptions(progress=False, log=lambda line: None, resume=False)
     out = Path(spec["out"])
+    state = out.with_name(out.name + ".partial")
     dist.barrier()
     start = time.perf_counter()
-    report = quantize_streaming(source, calib, QuantConfig(**spec["config"]), out,
-                                out.with_name(out.name + ".partial"), options, dist)  # fmt: skip
+    report = quantize_streaming(source, calib, QuantConfig(**spec["config"]), out, state, options,
+                                dist)  # fmt: skip
     seconds = time.perf_counter() - start
+    if dist.is_main:
+        shutil.rmtree(state, ignore_errors=True)
     shutdown(dist)
     return {
         "seconds": seconds,
@@ -137,6 +144,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "cache": options.stats["cache"],
         "mean_rel_err": report.summary()["mean_rel_err"],
         "rank": dist.rank,
+        "baseline_rss_bytes": baseline,
     }
 
 
@@ -222,7 +230,8 @@ def run(args) -> dict[str, Any]:
                 for name, seconds in res["blocks"]:
                     by_kind.setdefault(name.split(".")[0], []).append(seconds)
                 row = {"double": double, "single": single, "weights_bytes": weights,
-                       "peak_rss_bytes": rss, "seconds": res["seconds"],
+                       "peak_rss_bytes": rss, "baseline_rss_bytes": res["baseline_rss_bytes"],
+                       "seconds": res["seconds"],
                        "seconds_per_double": _median(by_kind.get("transformer_blocks")),
                        "seconds_per_single": _median(by_kind.get("single_transformer_blocks")),
                        "plan_host_bytes": res["plan"]["host_fixed"] + res["plan"]["cache_memory"],
@@ -288,8 +297,9 @@ def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     width = result["width"]
     hidden = width["num_attention_heads"] * width["attention_head_dim"]
+    kind = "FLUX.1" if hidden >= 3072 else "a tiny (--quick)"
     lines = [
-        "# Streaming quantization at FLUX.1 width (CPU)",
+        f"# Streaming quantization at {kind} width (CPU)",
         "",
         f"Random bf16 weights, hidden {hidden}; "
         f"QuantConfig rank {cfg['rank']}, smooth_grid {cfg['smooth_grid']}, lowrank_iters "
@@ -298,13 +308,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['calibration']['steps']} step, {result['calibration']['latent_size'] ** 2} image "
         f"+ {result['calibration']['text_tokens']} text tokens.",
         "",
-        "| blocks | weights GiB | peak RSS GiB | plan GiB | s / double | s / single | total s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "Peak RSS: the quantizing process's peak resident memory (``wait4``), of which the "
+        "interpreter with torch and diffusers imported holds the baseline; plan: the run's own "
+        "estimate of its host memory (quantize/plan.py).",
+        "",
+        "| blocks | weights GiB | peak RSS GiB | baseline GiB | plan GiB | s / double | s / single "
+        "| total s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["depths"]:
         lines.append(
             f"| {r['double']}+{r['single']} | {r['weights_bytes'] / gib:.2f} | "
-            f"{r['peak_rss_bytes'] / gib:.2f} | {r['plan_host_bytes'] / gib:.2f} | "
+            f"{r['peak_rss_bytes'] / gib:.2f} | {r['baseline_rss_bytes'] / gib:.2f} | "
+            f"{r['plan_host_bytes'] / gib:.2f} | "
             f"{r['seconds_per_double']:.1f} | {r['seconds_per_single']:.1f} | {r['seconds']:.1f} |"
         )
     if "ranks" in result:
