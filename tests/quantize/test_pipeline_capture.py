@@ -71,7 +71,7 @@ def test_streamed_sana_capture_with_guidance_batches(tmp_path):
     pipe = tiny_sana_pipeline()
     pipe.save_pretrained(tmp_path / "pipe")
     call = {"height": 32, "width": 32, "max_sequence_length": 16,
-            "complex_human_instruction": None}  # fmt: skip
+            "complex_human_instruction": None, "use_resolution_binning": False}  # fmt: skip
     want = capture_pipeline_calibration(pipe, PROMPTS[:2], 2, seed=0, **call)
     source = StreamSource.from_directory(tmp_path / "pipe" / "transformer")
     got = capture_streamed(tmp_path / "pipe", source, PROMPTS[:2], 2, dtype=torch.float32,
