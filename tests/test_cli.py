@@ -166,6 +166,9 @@ def _save_flux_hidden_96(path):
                                                         "int4 group size 64"),
         (None, ["--prompts", "{tmp}/missing.txt"], "--prompts file not found"),
         (None, ["--threads", "-1"], "--threads must be >= 1"),
+        (None, ["--max-host-memory", "12XB"], "size '12XB' not understood"),
+        (None, ["--max-host-memory", "1MB"], "--max-host-memory (976.6 KiB) cannot hold one block"),
+        (None, ["--batch", "0"], "--batch must be >= 1"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, setup, argv, message):
