@@ -58,6 +58,10 @@ def write_staged(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]
     checksums = {k: tensor_crc32(t) for k, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
+        # save_file recreates the file with mode 0600; staged files become the output's shards
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     return {"file": path.name, "checksums": checksums, "bytes": total}
 
