@@ -38,9 +38,11 @@ def run(out: Path, device: str, samples: int, dry_run: bool) -> dict:
     from dcgen_quant.quantize.streaming import StreamOptions, StreamSource, quantize_streaming
 
     width = QUICK_WIDTH if dry_run else FLUX1_WIDTH
-    config = (
-        QuantConfig(smooth_grid=2, lowrank_iters=1, calib_tokens=256) if dry_run else QuantConfig()
-    )
+    config = QuantConfig()
+    if dry_run:  # a plumbing check: the smallest settings, one thread
+        torch.set_num_threads(1)
+        config = QuantConfig(rank=4, smooth_grid=1, lowrank_iters=0, calib_tokens=64,
+                             search_tokens=64)  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="gpu_quantize-"))
     try:
         write_random_flux(work / "model", _config(width, 1, 1))
@@ -80,7 +82,8 @@ def run(out: Path, device: str, samples: int, dry_run: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# Streaming quantization of one FLUX.1 double + single block on {device}",
+        f"# Streaming quantization of one {'tiny' if dry_run else 'FLUX.1'} double + single "
+        f"block on {device}",
         "",
         "| block | seconds |",
         "|---|---:|",
