@@ -111,7 +111,6 @@ def write_random_flux(directory: Path, config: dict, seed: int = 0) -> int:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run in a child process (or every torchrun rank): stream-quantize ``spec["model"]``."""
-    import resource
 
     from dcgen_quant.models.calibration import synthetic_calibration
     from dcgen_quant.quantize import QuantConfig
@@ -121,7 +120,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     dist = init_from_env("cpu")
     # what the interpreter, torch and diffusers hold before any model work
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = _current_rss()
     source = StreamSource.from_directory(spec["model"])
     calib = synthetic_calibration(source.meta_model(), spec["samples"], spec["steps"], 0,
                                   latent_size=spec["latent_size"], text_tokens=spec["text_tokens"],
@@ -146,6 +145,22 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "rank": dist.rank,
         "baseline_rss_bytes": baseline,
     }
+
+
+def _current_rss() -> int:
+    """Resident bytes of this process now (not the high-water mark, which survives exec)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _write_in_child(model_dir: Path, config: dict) -> int:
+    """:func:`write_random_flux` in a child process: this process stays small, so the
+    quantizing children's peak RSS (which starts at the parent's RSS: the high-water mark
+    survives fork and exec) is their own."""
+    spec = json.dumps({"dir": str(model_dir), "config": config})
+    cmd = [sys.executable, "-m", "dcgen_quant.bench.quantize_scale", "--write", spec]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
 
 
 def _spawn(spec: dict[str, Any], ranks: int = 1) -> tuple[dict[str, Any], int]:
@@ -223,7 +238,7 @@ def run(args) -> dict[str, Any]:
         if not args.ranks_only:
             for double, single in depths:
                 model_dir = work / f"flux-{double}+{single}"
-                weights = write_random_flux(model_dir, _config(width, double, single))
+                weights = _write_in_child(model_dir, _config(width, double, single))
                 spec = {**spec_base, "model": str(model_dir), "out": str(work / "q.safetensors")}
                 res, rss = _spawn(spec)
                 by_kind: dict[str, list[float]] = {}
@@ -238,12 +253,15 @@ def run(args) -> dict[str, Any]:
                        "mean_rel_err": res["mean_rel_err"]}  # fmt: skip
                 result["depths"].append(row)
                 print(json.dumps(row), flush=True)
+                if args.out is not None:  # what is measured so far survives an interruption
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    (args.out / f"{NAME}.partial.json").write_text(json.dumps(result, indent=2))
                 shutil.rmtree(model_dir)
                 (work / "q.safetensors").unlink(missing_ok=True)
         if args.ranks:
             double, single = depths[0]
             model_dir = work / "flux-ranks"
-            write_random_flux(model_dir, _config(width, double, single))
+            _write_in_child(model_dir, _config(width, double, single))
             spec = {**spec_base, "model": str(model_dir), "threads": 1}
             one, _ = _spawn({**spec, "out": str(work / "one.safetensors")})
             two, _ = _spawn({**spec, "out": str(work / "two.safetensors")}, ranks=2)
@@ -371,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     parser.add_argument("--work-dir", default=None, help="where the random models are written")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--write", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.write:
+        spec = json.loads(args.write)
+        print(write_random_flux(Path(spec["dir"]), spec["config"]), flush=True)
+        return 0
     if args.child:
         res = child(json.loads(args.child))
         print(json.dumps(res), flush=True)
