@@ -200,6 +200,8 @@ class _Run:
         left, else captured and run through the finished blocks again."""
         cache = CalibCache(self.chunk, self.family.block_outputs, self.state_dir / "calib",
                            self.options.calib_cache, plan.cache_budget)  # fmt: skip
+        if start >= len(self.blocks):  # every block is done; only the checkpoint is missing
+            return cache
         todo = [i for i in self.chunk if not (start and cache.adopt(i, start))]
         for i in todo:
             cache.add(i, _capture(self.model, self.family, self.calib[i], self.device))
