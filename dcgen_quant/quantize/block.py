@@ -70,10 +70,10 @@ def module_from_entry(entry: LayerReport, config: QuantConfig, device=None) -> n
             entry.in_features, entry.out_features, entry.split_at, entry.rank, entry.bias,
             config.format, config.dtype, device,
         )  # fmt: skip
+    fmt = config.weight_only_format if entry.kind == "w4a16" else config.format
     return make_module(
         entry.kind, entry.module.endswith("Conv1x1"), entry.in_features, entry.out_features,
-        entry.rank, entry.bias, config.format, config.dtype, device,
-        act_unsigned=entry.act_unsigned,
+        entry.rank, entry.bias, fmt, config.dtype, device, act_unsigned=entry.act_unsigned,
     )  # fmt: skip
 
 

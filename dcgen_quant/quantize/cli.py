@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="INT4: quantize the inputs of GELU-output layers (FLUX ff.net.2) with signed codes "
         "like every other layer (default: unsigned codes of x + 0.171875, about half the error)",
     )  # fmt: skip
+    parser.add_argument(
+        "--nunchaku-compatible", action="store_true",
+        help="write a checkpoint that `convert --to nunchaku` exports exactly (AdaLayerNorm "
+        "layers in INT4 group 64 with codes -7..7, also for --format nvfp4)",
+    )  # fmt: skip
     parser.add_argument("--svd", choices=("randomized", "full"), default="randomized")
     parser.add_argument(
         "--smooth-grid", type=int, default=20, metavar="N",
@@ -185,9 +190,9 @@ def run(args: argparse.Namespace) -> int:
     config = QuantConfig(
         format=args.format, rank=args.rank, smooth=not args.no_smooth, gptq=args.gptq,
         svd=args.svd, dtype=dtype, seed=args.seed, skip_incompatible=args.skip_incompatible,
-        unsigned_gelu=not args.signed_gelu, smooth_grid=args.smooth_grid,
-        lowrank_iters=args.lowrank_iters, calib_tokens=args.calib_tokens,
-        search_tokens=min(1024, args.calib_tokens),
+        unsigned_gelu=not args.signed_gelu, nunchaku_compatible=args.nunchaku_compatible,
+        smooth_grid=args.smooth_grid, lowrank_iters=args.lowrank_iters,
+        calib_tokens=args.calib_tokens, search_tokens=min(1024, args.calib_tokens),
     )  # fmt: skip
     if args.prompts is not None and not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file not found: {args.prompts}")

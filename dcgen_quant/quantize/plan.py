@@ -83,12 +83,13 @@ def _shape(module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
-def quantized_bytes(n: int, k: int, rank: int, config, bias: bool) -> int:
-    """Checkpoint bytes of one quantized layer (4-bit codes, scales, low-rank branch, bias)."""
-    spec = get_format(config.format)
+def quantized_bytes(n: int, k: int, rank: int, config, bias: bool, weight_only=False) -> int:
+    """Checkpoint bytes of one quantized layer: 4-bit codes, scales, bias; a W4A4 layer also has
+    its smoothing factor and low-rank branch, a W4A16 layer is in ``config.weight_only_format``."""
+    spec = get_format(config.weight_only_format if weight_only else config.format)
     dsize = config.dtype.itemsize
     scales = (k // spec.group_size) * n * spec.scale_dtype(config.dtype).itemsize
-    lowrank = (k + n) * min(rank, n, k) * dsize + k * dsize if rank else k * dsize
+    lowrank = 0 if weight_only else (k + n) * min(rank, n, k) * dsize + k * dsize
     return n * k // 2 + scales + lowrank + (n * dsize if bias else 0)
 
 
@@ -188,7 +189,9 @@ def make_plan(
                             + WORK_OUTPUTS * tokens * n_total))  # fmt: skip
             for name, (n, kk) in zip(group.names, shapes):
                 bias = getattr(model.get_submodule(name), "bias", None) is not None
-                q += quantized_bytes(n, kk, config.rank, config, bias or group.act_unsigned)
+                unsigned = group.act_unsigned  # the bias absorbs the shift: a bias is stored
+                q += quantized_bytes(n, kk, config.rank, config, bias or unsigned,
+                                     weight_only=group.kind == "w4a16")  # fmt: skip
         quant_bytes, reservoirs, work = max(quant_bytes, q), max(reservoirs, r), max(work, w)
     checkpoint = outside_bytes + sum(
         module_bytes(b, dtype) for _, b in blocks
