@@ -30,6 +30,7 @@ from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text
 from ..checkpoint import FORMAT_NAME, INDEX_NAME, check_output, is_checkpoint_dir, tensor_crc32
+from .stream_state import file_sha256
 from .weights import read_header
 
 COPY_CHUNK = 64 * 2**20
@@ -54,7 +55,7 @@ def tensors_of(module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> di
 
 def write_staged(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write ``tensors`` to the staged file ``path`` (atomically); returns its record: file
-    name, CRC-32 per tensor, bytes."""
+    name, CRC-32 per tensor, bytes, SHA-256 of the file (checked on resume)."""
     checksums = {k: tensor_crc32(t) for k, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
@@ -62,8 +63,9 @@ def write_staged(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)
+        sha256 = file_sha256(tmp)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    return {"file": path.name, "checksums": checksums, "bytes": total}
+    return {"file": path.name, "checksums": checksums, "bytes": total, "sha256": sha256}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -164,10 +164,16 @@ class _Run:
             self.config, self.calib,
         )  # fmt: skip
         self.state = StreamState(self.state_dir, fp)
-        progress = None
+        progress = message = None
         if self.options.resume and self.dist.is_main:
-            progress = self.state.load()  # ValueError for another run's directory
-        progress = self.dist.agree(progress) or self.state.new()
+            try:
+                progress = self.state.load()
+            except ValueError as exc:  # another run's or a damaged state: every rank stops
+                message = str(exc)
+        progress, message = self.dist.agree((progress, message))
+        if message:
+            raise ValueError(message)
+        progress = progress or self.state.new()
         if progress["report"] is not None:
             report = QuantReport.from_dict(progress["report"])
             _install_finished(self.model, report, self.blocks, progress["next_block"], self.config)

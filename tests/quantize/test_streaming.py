@@ -196,6 +196,19 @@ def test_spilled_calibration_and_resume_are_bit_identical(tmp_path, monkeypatch)
     assert progress["next_block"] == 2 and not (tmp_path / "resumed.safetensors").exists()
     assert sorted(p.name for p in (state / "calib").glob("gen-*")) == ["gen-0002"]
     monkeypatch.setattr(streaming_module, "quantize_block", real)
+
+    # a damaged state is refused, naming the file, before anything is used
+    block, text = state / "block-0001.safetensors", (state / "progress.json").read_text()
+    data = block.read_bytes()
+    block.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ValueError, match=r"block-0001\.safetensors does not match its SHA-256"):
+        stream(source, calib, config, tmp_path / "resumed.safetensors", state)
+    block.write_bytes(data)
+    (state / "progress.json").write_text(text.replace('"next_block": 2', '"next_block": 1'))
+    with pytest.raises(ValueError, match=r"progress\.json does not match its SHA-256"):
+        stream(source, calib, config, tmp_path / "resumed.safetensors", state)
+    (state / "progress.json").write_text(text)
+
     stream(source, calib, config, tmp_path / "resumed.safetensors", state, max_host_memory=budget)
     assert_same_checkpoint(tmp_path / "memory.safetensors", tmp_path / "resumed.safetensors")
 
