@@ -19,6 +19,7 @@ prompt batches are shared round robin by the ranks and every rank receives all r
 from __future__ import annotations
 
 import gc
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +136,12 @@ def capture_streamed(
     family = family_for(model)
     prefixes = tuple(f"{name}." for name, _ in family.blocks(model))
     materialize(model, "", source.weights, device, dtype, skip=prefixes)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(
-        pipe_dir, transformer=model, torch_dtype=dtype, local_files_only=True
-    )
+    with warnings.catch_warnings():
+        # diffusers >= 0.36 renames torch_dtype to dtype (a FutureWarning); >= 0.35 is supported
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            pipe_dir, transformer=model, torch_dtype=dtype, local_files_only=True
+        )
     encoders = {n: m for n, m in pipe.components.items()
                 if isinstance(m, torch.nn.Module) and n.startswith("text_encoder")}  # fmt: skip
     for module in encoders.values():
