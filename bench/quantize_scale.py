@@ -293,6 +293,9 @@ def _median(values):
 
 
 def projection(result: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """FLUX.1-dev's seconds on this CPU (the deepest row's seconds per block x 19 + 38 blocks),
+    on an H200 (the assumed throughput, or the measured ratio of a gpu_quantize result in
+    ``result["gpu"]``), and the plan's memory for FLUX.1-dev."""
     proj: dict[str, Any] = {}
     rows = [r for r in result["depths"] if r["seconds_per_double"] and r["seconds_per_single"]]
     if rows and not quick:
@@ -301,6 +304,16 @@ def projection(result: dict[str, Any], quick: bool) -> dict[str, Any]:
                + FLUX1_DEV_BLOCKS[1] * deepest["seconds_per_single"])  # fmt: skip
         speedup = H200_EFFECTIVE_FLOPS / result["cpu_gemm_flops"]
         proj.update(flux1_dev_cpu_s=cpu, h200_over_cpu=speedup, flux1_dev_h200_s=cpu / speedup)
+        gpu = result.get("gpu")
+        if gpu and gpu.get("cpu_config") and not gpu.get("dry_run"):
+            # the same configuration and calibration on both: one double + one single block
+            times = {b["name"].split(".")[0]: b["seconds"] for b in gpu["cpu_config"]["blocks"]}
+            gpu_s = times["transformer_blocks"] + times["single_transformer_blocks"]
+            cpu_s = deepest["seconds_per_double"] + deepest["seconds_per_single"]
+            proj.update(gpu_over_cpu_measured=cpu_s / gpu_s,
+                        flux1_dev_gpu_s=cpu * gpu_s / cpu_s, gpu_device=gpu["device"])  # fmt: skip
+            if gpu.get("projection"):
+                proj["flux1_dev_gpu_default_s"] = gpu["projection"]["flux1_dev_s"]
     if not quick:
         plan = flux1_dev_plan()
         proj["flux1_dev_plan"] = {
@@ -357,7 +370,21 @@ def markdown(result: dict[str, Any]) -> str:
             f"{proj['flux1_dev_cpu_s'] / 3600:.1f} h on this CPU; on one H200 about "
             f"{proj['flux1_dev_h200_s'] / 60:.1f} min, assuming {H200_EFFECTIVE_FLOPS / 1e12:.0f} "
             f"TFLOP/s sustained against this CPU's measured {result['cpu_gemm_flops'] / 1e9:.0f} "
-            f"GFLOP/s float32 GEMM ({proj['h200_over_cpu']:.0f}x; no GPU run yet).",
+            f"GFLOP/s float32 GEMM ({proj['h200_over_cpu']:.0f}x"
+            f"{'; no GPU run yet' if 'gpu_over_cpu_measured' not in proj else ''}).",
+        ]
+    if "gpu_over_cpu_measured" in proj:
+        lines += [
+            "",
+            f"Measured on {proj['gpu_device']} (bench/gpu_quantize.py, the same configuration and "
+            f"calibration): {proj['gpu_over_cpu_measured']:.0f}x this CPU, so FLUX.1-dev at this "
+            f"configuration takes about {proj['flux1_dev_gpu_s'] / 60:.1f} min there"
+            + (
+                f"; with the default QuantConfig at 1024^2, "
+                f"{proj['flux1_dev_gpu_default_s'] / 60:.1f} min."
+                if "flux1_dev_gpu_default_s" in proj
+                else "."
+            ),
         ]
     if "flux1_dev_plan" in proj:
         p = proj["flux1_dev_plan"]
@@ -388,6 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny width (the CPU test suite)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     parser.add_argument("--work-dir", default=None, help="where the random models are written")
+    parser.add_argument(
+        "--gpu-result", type=Path, default=None,
+        help="gpu_quantize.json of a GPU session: project FLUX.1-dev from the measured ratio",
+    )  # fmt: skip
+    parser.add_argument(
+        "--from-json", type=Path, default=None,
+        help="re-render a previous quantize_scale.json (with --gpu-result) instead of measuring",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--write", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -401,7 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required")
-    result = run(args)
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+    else:
+        result = run(args)
+    if args.gpu_result is not None:
+        result["gpu"] = json.loads(args.gpu_result.read_text())
+    if args.from_json is not None or args.gpu_result is not None:
+        width = result["width"]
+        quick = width["num_attention_heads"] * width["attention_head_dim"] < 3072
+        result["projection"] = projection(result, quick)
     from dcgen_quant.atomic import atomic_write_text
 
     args.out.mkdir(parents=True, exist_ok=True)
