@@ -405,6 +405,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{p['cache_memory'] / gib:.1f} GiB of calibration in memory and "
             f"{p['cache_disk'] / gib:.1f} GiB spilled to disk.",
         ]
+    # notes: what a --from-json file assembled from several runs says about where each part
+    # comes from
+    lines += [line for note in result.get("notes", []) for line in ("", note)]
     env = result["environment"]
     lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     return "\n".join(lines)

@@ -188,3 +188,20 @@ def test_inspect_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "none.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: checkpoint not found") and len(err.splitlines()) == 1
+
+
+def test_nunchaku_compatible_on_the_streaming_path(tmp_path, capsys):
+    """``quantize --format nvfp4 --nunchaku-compatible`` (the CLI streams): the AdaLayerNorm
+    (W4A16) layers come out INT4 with codes -7..7, so ``convert --to nunchaku`` exports the
+    checkpoint (an NVFP4 W4A16 layer is refused there without ``--requantize``)."""
+    from dcgen_quant.formats.int4 import unpack_int4
+    from dcgen_quant.nn import W4A16Linear
+
+    out = tmp_path / "nvfp4.safetensors"
+    run_json(capsys, "quantize", "--model", "tiny-flux", "--format", "nvfp4",
+             "--nunchaku-compatible", "--out", out, *CHEAP)  # fmt: skip
+    adaln = [m for m in load_quantized(out).modules() if isinstance(m, W4A16Linear)]
+    assert adaln and all(m.fmt == "int4" for m in adaln)
+    assert min(int(unpack_int4(m.qweight).min()) for m in adaln) >= -7
+    rows = run_json(capsys, "convert", out, tmp_path / "nk.safetensors", "--to", "nunchaku")
+    assert (tmp_path / "nk.safetensors").is_file(), rows
