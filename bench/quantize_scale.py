@@ -14,7 +14,8 @@ memory across depths is the point of streaming.
 ``--ranks``: the shallowest depth again, once in one process and once under
 ``torchrun --nproc-per-node 2``, every process on one CPU thread; the ratio of the two wall times
 (quantization only, start-up excluded) shows that the ranks split the work (a rank repeating the
-whole job would give about 1). ``--ranks-only`` runs just that (the lead's one command to
+whole job would give about 1; ``--repeats N`` alternates N such pairs and reports the
+median ratio). ``--ranks-only`` runs just that (the lead's one command to
 re-measure it on a quiet machine); ``--ranks-heads H`` builds that model with H attention heads of
 128 (hidden 128 H) instead of FLUX.1's 24, for a shorter run on a busy machine whose groups are
 still large enough for the quantization, not the start-up and messages, to dominate.
@@ -268,18 +269,27 @@ def run(args) -> dict[str, Any]:
                 rwidth = {**width, "num_attention_heads": args.ranks_heads}
             _write_in_child(model_dir, _config(rwidth, double, single))
             spec = {**spec_base, "model": str(model_dir), "threads": 1}
-            one, _ = _spawn({**spec, "out": str(work / "one.safetensors")})
-            two, _ = _spawn({**spec, "out": str(work / "two.safetensors")}, ranks=2)
             from dcgen_quant.checkpoint import load_quantized
 
-            a = load_quantized(work / "one.safetensors").state_dict()
-            b = load_quantized(work / "two.safetensors").state_dict()
-            same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            # one and two processes alternate (--repeats pairs): on a shared machine the load
+            # changes during a run, and the median of the pairs' ratios is what load spares
+            pairs, same = [], True
+            for _ in range(args.repeats):
+                one, _ = _spawn({**spec, "out": str(work / "one.safetensors")})
+                two, _ = _spawn({**spec, "out": str(work / "two.safetensors")}, ranks=2)
+                a = load_quantized(work / "one.safetensors").state_dict()
+                b = load_quantized(work / "two.safetensors").state_dict()
+                same &= a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                pairs.append((one["seconds"], two["seconds"]))
+                print(json.dumps({"one_process_s": one["seconds"], "two_ranks_s": two["seconds"]}),
+                      flush=True)  # fmt: skip
+            ratios = [t / o for o, t in pairs]
             result["ranks"] = {
-                "depth": f"{double}+{single}", "one_process_s": one["seconds"],
+                "depth": f"{double}+{single}",
                 "hidden": rwidth["num_attention_heads"] * rwidth["attention_head_dim"],
-                "two_ranks_s": two["seconds"], "ratio": two["seconds"] / one["seconds"],
-                "bit_identical": same,
+                "one_process_s": _median([o for o, _ in pairs]),
+                "two_ranks_s": _median([t for _, t in pairs]),
+                "pairs": pairs, "ratio": _median(ratios), "bit_identical": same,
             }  # fmt: skip
             print(json.dumps(result["ranks"]), flush=True)
     finally:
@@ -363,11 +373,15 @@ def markdown(result: dict[str, Any]) -> str:
     if "ranks" in result:
         rk = result["ranks"]
         of_hidden = f" of hidden {rk['hidden']}" if "hidden" in rk else ""
+        pairs = ""
+        if len(rk.get("pairs", [])) > 1:  # medians; each pair's seconds (one, two) alongside
+            each = ", ".join(f"{o:.1f}/{t:.1f}" for o, t in rk["pairs"])
+            pairs = f" (medians of {len(rk['pairs'])} alternating pairs, one/two s: {each})"
         lines += [
             "",
             f"Two ranks (torchrun, gloo, 1 thread each) vs one process (1 thread), {rk['depth']} "
             f"blocks{of_hidden}: {rk['two_ranks_s']:.1f} s vs {rk['one_process_s']:.1f} s, ratio "
-            f"{rk['ratio']:.2f}; checkpoints bit-identical: {rk['bit_identical']}.",
+            f"{rk['ratio']:.2f}{pairs}; checkpoints bit-identical: {rk['bit_identical']}.",
         ]
     proj = result.get("projection", {})
     if "flux1_dev_cpu_s" in proj:
@@ -427,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         "--ranks-heads", type=int, default=None,
         help="attention heads (of 128) of the two-rank model (default 24)",
     )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternating one-process / two-rank pairs (median ratio)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     parser.add_argument("--work-dir", default=None, help="where the random models are written")
     parser.add_argument(
