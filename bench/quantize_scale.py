@@ -20,7 +20,7 @@ a shared machine the wall times depend on how the scheduler shares the cores, an
 near 0.3, below the 1/2 an even split allows). ``--ranks-only`` runs just that (the lead's
 one command to re-measure it on a quiet machine); ``--ranks-heads H`` builds that model with H
 attention heads of 128 (hidden 128 H) instead of FLUX.1's 24, for a shorter run on a busy machine
-whose groups are still large enough for the quantization, not the start-up and messages, to dominate.
+whose groups are still large enough for the quantization, not start-up and messages, to dominate.
 
 The quantizer settings of the CPU runs are reduced (:data:`BENCH_CONFIG`: 3 smoothing candidates
 instead of 39, one low-rank refinement instead of up to 8, 256 calibration tokens per layer
