@@ -13,8 +13,8 @@
 #   GPU_CHECK_BUDGET_S  total seconds for all stages (default 540)
 #   GPU_CHECK_MAX_STAGE_S  upper bound on any one stage's time box (default: none)
 #   GPU_CHECK_SKIP      comma-separated stages to skip (env,wheels,build,cmake,gpu_tests,
-#                       kernel_bench,latency,gpu_interop,gpu_adapt,quantizer_speed); default
-#                       "cmake"
+#                       kernel_bench,latency,gpu_interop,gpu_adapt,quantizer_speed,
+#                       gpu_quantize); default "cmake"
 #   PYTHON              interpreter (default python3)
 #   WHEEL_DIR           carried wheels (default .whl; see bench/fetch_gpu_wheels.sh)
 #   DCGEN_QUANT_CUDA_ARCHS, DCGEN_QUANT_SKIP_CUDA   passed through to the CUDA build (default
@@ -23,7 +23,8 @@
 # With the device tool: carry [".whl"] and run, e.g.,
 #   bash bench/gpu_check.sh "$OUT/gpu" ; cp -r bench/results "$OUT/" 2>/dev/null
 # Files in OUTDIR: summary.txt, <stage>.log, latency/<gpu>-<date>.{md,json,png},
-# kernel_bench/, gpu_interop/ and quantizer_speed/ (their .md/.json), gpu_tests.xml.
+# kernel_bench/, gpu_interop/, quantizer_speed/ and gpu_quantize/ (their .md/.json),
+# gpu_tests.xml.
 
 set -uo pipefail
 
@@ -193,6 +194,21 @@ if has_module dcgen_quant.bench.quantizer_speed; then
     fi
 else
     printf '%-16s skipped (dcgen_quant.bench.quantizer_speed not in this build)\n' quantizer_speed >>"$SUMMARY"
+fi
+
+# --- streaming quantizer (issue 15): one full-size FLUX.1 double + single block, seconds and peak
+# memory. Last, after every owed stage, in a box of at most 90 s (the second pass only when the
+# first pass's time leaves room for it: --budget-s); with the default budget it gets what the
+# stages above left. To run it alone: GPU_CHECK_SKIP=cmake,gpu_tests,kernel_bench,gpu_interop,
+# latency,gpu_adapt,quantizer_speed bash bench/gpu_check.sh OUTDIR
+if ((DRY)); then
+    stage gpu_quantize 120 "$PY -m dcgen_quant.bench.gpu_quantize --dry-run --samples 1 \
+        --out '$OUTDIR/gpu_quantize'"
+else
+    left=$(remaining)
+    q_limit=$((left - 5 < 90 ? left - 5 : 90))
+    stage gpu_quantize "$q_limit" "$PY -m dcgen_quant.bench.gpu_quantize --budget-s $((q_limit - 30)) \
+        --out '$OUTDIR/gpu_quantize'"
 fi
 
 # --- summary, printed last ---------------------------------------------------------------------

@@ -480,3 +480,23 @@ def _set_layouts(model: nn.Module, layout: str, device: torch.device) -> None:
         if type(module) in _KIND_OF:
             name = preferred_layout(module.fmt, device) if layout == "auto" else layout
             module.set_layout(name)
+
+
+# --------------------------------------------------------------------------------------------
+# public helpers for writers that assemble a checkpoint themselves (quantize/stream_writer.py)
+
+
+def build_metadata(model: nn.Module, config, report, checksums: dict[str, str]) -> dict[str, str]:
+    """The safetensors metadata :func:`save_quantized` writes for ``model`` (whose layers may
+    live on the meta device) with the given per-tensor CRC-32s."""
+    return _build_metadata(model, config, report, checksums)
+
+
+def tensor_crc32(t: torch.Tensor) -> str:
+    """The CRC-32 of a tensor's bytes as the metadata's ``checksums`` record it."""
+    return _crc32(t)
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` holds only a sharded checkpoint (index + shards)."""
+    return _is_checkpoint_dir(Path(path))

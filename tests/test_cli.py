@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import dcgen_quant.quantize.model as model_module
+import dcgen_quant.quantize.streaming as streaming_module
 from dcgen_quant.checkpoint import load_quantized
 from dcgen_quant.cli import main
 from dcgen_quant.models import synthetic_calibration
@@ -116,22 +116,22 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, mon
     assert main([*args, "--out", str(tmp_path / "full.safetensors")]) == 0
 
     calls = {"n": 0}
-    original = model_module.run_block
+    original = streaming_module.quantize_block
 
     def interrupt_in_second_block(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:  # block 0 is saved, block 1 is quantized but not saved
+        if calls["n"] == 2:  # block 0 is saved, block 1 is being quantized
             raise KeyboardInterrupt
         return original(*a, **k)
 
-    monkeypatch.setattr(model_module, "run_block", interrupt_in_second_block)
+    monkeypatch.setattr(streaming_module, "quantize_block", interrupt_in_second_block)
     out = tmp_path / "resumed.safetensors"
     assert main([*args, "--out", str(out)]) == 130
     partial = out.with_name(out.name + ".partial")
     assert not out.exists() and sorted(p.name for p in partial.glob("block-*")) == [
         "block-0000.safetensors"
     ]
-    monkeypatch.setattr(model_module, "run_block", original)
+    monkeypatch.setattr(streaming_module, "quantize_block", original)
     assert main([*args, "--out", str(out), "--resume"]) == 0
     assert not out.with_name(out.name + ".partial").exists()
     full = load_quantized(tmp_path / "full.safetensors").state_dict()
@@ -166,6 +166,9 @@ def _save_flux_hidden_96(path):
                                                         "int4 group size 64"),
         (None, ["--prompts", "{tmp}/missing.txt"], "--prompts file not found"),
         (None, ["--threads", "-1"], "--threads must be >= 1"),
+        (None, ["--max-host-memory", "12XB"], "size '12XB' not understood"),
+        (None, ["--max-host-memory", "1MB"], "--max-host-memory (976.6 KiB) cannot hold one block"),
+        (None, ["--batch", "0"], "--batch must be >= 1"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, setup, argv, message):
@@ -185,3 +188,22 @@ def test_inspect_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "none.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: checkpoint not found") and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_nunchaku_compatible_on_the_streaming_path(tmp_path, capsys):
+    """``quantize --format nvfp4 --nunchaku-compatible`` (the CLI streams): the AdaLayerNorm
+    (W4A16) layers come out INT4 with codes -7..7, so ``convert --to nunchaku`` exports the
+    checkpoint (an NVFP4 W4A16 layer is refused there without ``--requantize``)."""
+    from dcgen_quant.formats.int4 import unpack_int4
+    from dcgen_quant.nn import W4A16Linear
+
+    out = tmp_path / "nvfp4.safetensors"
+    run_json(capsys, "quantize", "--model", "tiny-flux", "--format", "nvfp4",
+             "--nunchaku-compatible", "--out", out, *CHEAP, "--smooth-grid", "2",
+             "--lowrank-iters", "1", "--calib-tokens", "256")  # fmt: skip
+    adaln = [m for m in load_quantized(out).modules() if isinstance(m, W4A16Linear)]
+    assert adaln and all(m.fmt == "int4" for m in adaln)
+    assert min(int(unpack_int4(m.qweight).min()) for m in adaln) >= -7
+    rows = run_json(capsys, "convert", out, tmp_path / "nk.safetensors", "--to", "nunchaku")
+    assert (tmp_path / "nk.safetensors").is_file(), rows

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import dcgen_quant.quantize.model as model_module
+import dcgen_quant.quantize.streaming as streaming_module
 from dcgen_quant.cli import main
 from dcgen_quant.models.tiny import tiny_flux, tiny_sana
 
 CHEAP = ["--rank", "4", "--calib-samples", "1", "--steps", "1", "--threads", "1"]
+SPILL = ["--calib-cache", "disk"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,11 +44,12 @@ def _one_line(capsys, *fragments) -> str:
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """The state directory of a `quantize` run interrupted in its second block."""
+    """The state directory of a `quantize` run (calibration inputs spilled to disk) interrupted
+    in its second block."""
     root = tmp_path_factory.mktemp("interrupted")
     out = root / "q.safetensors"
     calls = {"n": 0}
-    original = model_module.run_block
+    original = streaming_module.quantize_block
 
     def interrupt_in_second_block(*a, **k):
         calls["n"] += 1
@@ -56,10 +58,11 @@ def interrupted(tmp_path_factory):
         return original(*a, **k)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model_module, "run_block", interrupt_in_second_block)
-        assert main(["quantize", *CHEAP, "--out", str(out)]) == 130
+        mp.setattr(streaming_module, "quantize_block", interrupt_in_second_block)
+        assert main(["quantize", *CHEAP, *SPILL, "--out", str(out)]) == 130
     partial = out.with_name(out.name + ".partial")
     assert (partial / "block-0000.safetensors").is_file()
+    assert (partial / "calib" / "gen-0001" / "dyn-000000.pt").is_file()
     return partial
 
 
@@ -84,7 +87,9 @@ def _edit_progress(path: Path) -> None:
             (d / "block-0000.safetensors").read_bytes()[:1000]), "block-0000.safetensors"),
         (lambda d: (d / "progress.json").write_text("{trunc"), "progress.json"),
         (lambda d: _edit_progress(d / "progress.json"), "progress.json"),
-        (lambda d: _flip(next(d.glob("inputs-*.pt")), 0.7), "inputs-0001.pt"),
+        (lambda d: _flip(d / "calib" / "gen-0001" / "dyn-000000.pt", 0.7),
+         "calib/gen-0001/dyn-000000.pt"),
+        (lambda d: _flip(d / "calib" / "static-000000.pt", 0.7), "calib/static-000000.pt"),
     ],
 )  # fmt: skip
 def test_damaged_resume_state_is_named_and_never_becomes_a_checkpoint(
@@ -94,7 +99,7 @@ def test_damaged_resume_state_is_named_and_never_becomes_a_checkpoint(
     partial = out.with_name(out.name + ".partial")
     shutil.copytree(interrupted, partial)
     damage(partial)
-    assert main(["quantize", *CHEAP, "--out", str(out), "--resume"]) == 2
+    assert main(["quantize", *CHEAP, *SPILL, "--out", str(out), "--resume"]) == 2
     _one_line(capsys, file, "without --resume")
     assert not out.exists()
 
@@ -140,7 +145,7 @@ def _weights(path: Path) -> Path:
          "cannot load SanaTransformer2DModel"),
         (lambda p: (p / "model_index.json").write_text("{,"), "model_index.json is not valid"),
         (lambda p: (p / "model_index.json").write_text('{"transformer": 3}'),
-         "cannot load DiffusionPipeline"),
+         "the pipeline has no transformer"),
     ],
 )  # fmt: skip
 def test_bad_model_directories_are_one_line(tmp_path, capsys, make, fragment):
@@ -171,7 +176,8 @@ def test_unwritable_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("quantization started before the output location was checked")
 
-    monkeypatch.setattr("dcgen_quant.quantize.quantize_model", no_work)
+    monkeypatch.setattr("dcgen_quant.quantize.cli._calibration", no_work)
+    monkeypatch.setattr("dcgen_quant.quantize.streaming.quantize_streaming", no_work)
     out = _unwritable(tmp_path)
     assert main(["quantize", *CHEAP, "--out", str(out)]) == 2
     _one_line(capsys, "not writable")

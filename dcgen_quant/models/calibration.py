@@ -63,6 +63,8 @@ def synthetic_calibration(
     latent_size: int | None = None,
     text_tokens: int = 32,
     guidance: float | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> list[dict[str, Any]]:
     """Random calibration inputs for a FLUX or SANA transformer: ``samples * steps`` dicts.
 
@@ -77,6 +79,8 @@ def synthetic_calibration(
     text_tokens : length of the text embedding sequence
     guidance : embedded guidance scale (default 3.5 for FLUX, 4.5 for SANA), used only when the
         model embeds guidance
+    dtype, device : of the returned tensors (default: those of the model's parameters; give them
+        for a model whose parameters are on the meta device)
 
     Returns
     -------
@@ -87,7 +91,8 @@ def synthetic_calibration(
     family = family_for(model)
     cfg = model.config
     param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    device = param.device if device is None else torch.device(device)
+    dtype = param.dtype if dtype is None else dtype
     gen = torch.Generator().manual_seed(seed)
     out: list[dict[str, Any]] = []
     if family.name == "flux":

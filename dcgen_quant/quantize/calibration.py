@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import check_finite, tokens_of
+from .layer import check_finite, seed_for, tokens_of
 
 
 class _StopForward(Exception):
@@ -99,30 +99,63 @@ def run_block(family, block: nn.Module, inputs: list[dict[str, Any]]) -> list[di
 class TokenReservoir:
     """A uniform random subsample (without replacement) of a stream of tokens.
 
-    Every token gets a random key from the seeded generator; the ``capacity`` tokens with the
-    smallest keys are kept. The result does not depend on how the stream is split into batches
-    and needs O(capacity) memory, whatever the number of samples and timesteps.
+    Every token gets a random key; the ``capacity`` tokens with the smallest (key, stream
+    position) are kept, in stream order. The keys of calibration sample ``i`` come from a
+    generator seeded with ``(seed, i)`` (:meth:`begin_sample`), so they do not depend on which
+    other samples this process saw: reservoirs filled by several processes on disjoint runs of
+    samples and concatenated in sample order (:meth:`merge`) hold exactly what one process that
+    saw every sample holds. Equal keys (float32 keys collide once the stream has millions of
+    tokens) are ordered by stream position, never by the sort's whim. O(capacity) memory,
+    whatever the number of samples and timesteps, and independent of how they are batched.
     """
 
-    def __init__(self, capacity: int, generator: torch.Generator):
+    def __init__(self, capacity: int, seed: int, device: torch.device | str = "cpu"):
         self.capacity = capacity
-        self.generator = generator
+        self.seed = seed
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed_for(seed, "sample 0"))
         self.keys: torch.Tensor | None = None
         self.data: torch.Tensor | None = None
         self.seen = 0
 
+    def begin_sample(self, index: int) -> None:
+        """The tokens added next belong to calibration sample ``index`` (global numbering)."""
+        self.generator.manual_seed(seed_for(self.seed, f"sample {index}"))
+
     def add(self, tokens: torch.Tensor) -> None:
         """tokens : Tensor [T, K] (kept in their dtype)."""
         keys = torch.rand(tokens.shape[0], generator=self.generator, device=self.generator.device)
-        keys = keys.to(tokens.device)
         self.seen += tokens.shape[0]
-        if self.data is not None:
-            keys = torch.cat([self.keys, keys])
-            tokens = torch.cat([self.data, tokens])
+        self._keep([self.keys, keys.to(tokens.device)], [self.data, tokens])
+
+    def _keep(self, keys: list, data: list) -> None:
+        keys = [k for k in keys if k is not None]
+        data = [d for d in data if d is not None]
+        keys = torch.cat(keys) if len(keys) > 1 else keys[0]
+        data = torch.cat(data) if len(data) > 1 else data[0]
         if keys.shape[0] > self.capacity:
-            keep = torch.topk(keys, self.capacity, largest=False).indices.sort().values
-            keys, tokens = keys[keep], tokens[keep]
-        self.keys, self.data = keys, tokens.detach().clone()
+            order = torch.sort(keys, stable=True).indices[: self.capacity]
+            keep = order.sort().values
+            keys, data = keys[keep], data[keep]
+        self.keys, self.data = keys, data.detach().clone()
+
+    def state(self) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(keys [n], tokens [n, K], tokens seen): what :meth:`merge` combines."""
+        return self.keys, self.data, self.seen
+
+    @classmethod
+    def merge(cls, capacity: int, seed: int, parts, device=None) -> TokenReservoir:
+        """One reservoir from the :meth:`state` of reservoirs that saw consecutive runs of the
+        sample stream, given in stream order: equal to a reservoir that saw the whole stream."""
+        merged = cls(capacity, seed)
+        parts = [p for p in parts if p[1] is not None]
+        merged.seen = sum(p[2] for p in parts)
+        move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        if len(parts) == 1:  # one process: nothing to merge (and no copy)
+            merged.keys, merged.data = move(parts[0][0]), move(parts[0][1])
+        elif parts:
+            merged._keep([move(p[0]) for p in parts], [move(p[1]) for p in parts])
+        return merged
 
     def tokens(self) -> torch.Tensor:
         if self.data is None:

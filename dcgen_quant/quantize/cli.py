@@ -6,6 +6,11 @@ directory: a transformer (``config.json``) calibrated on generated inputs, or a 
 (``model_index.json``) whose transformer is calibrated by running the real pipeline on prompts
 (``--prompts FILE``, one per line). Progress bars while it runs, a summary table at the end;
 ``--resume`` continues an interrupted run from its last finished block.
+
+The transformer is streamed (quantize/streaming.py): one block at a time on ``--device``, the
+calibration inputs on the host up to ``--max-host-memory`` and on disk beyond it. Under
+``torchrun --nproc-per-node N -m dcgen_quant quantize ...`` the ranks share the work
+(quantize/distributed.py) and rank 0 writes the same checkpoint one process writes.
 """
 
 from __future__ import annotations
@@ -61,22 +66,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "layers in INT4 group 64 with codes -7..7, also for --format nvfp4)",
     )  # fmt: skip
     parser.add_argument("--svd", choices=("randomized", "full"), default="randomized")
+    parser.add_argument(
+        "--smooth-grid", type=int, default=20, metavar="N",
+        help="grid points per smoothing exponent (default 20: 39 (alpha, beta) candidates)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lowrank-iters", type=int, default=8, metavar="N",
+        help="low-rank refinement steps at most (default 8)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calib-tokens", type=int, default=4096, metavar="N",
+        help="calibration tokens kept per layer (default 4096)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="device to quantize on (cpu, cuda)")
     parser.add_argument(
         "--threads", type=int, default=None,
         help="CPU threads (default: 1 for the tiny built-in models, torch's default otherwise)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-host-memory", metavar="SIZE", default=None,
+        help="host memory this process may use, e.g. 24GB or 20GiB (default: what is available); "
+        "calibration inputs beyond it spill to disk",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calib-cache", choices=("auto", "memory", "disk"), default="auto",
+        help="where calibration inputs live between blocks: memory, disk, or auto (memory up "
+        "to --max-host-memory, the rest on disk; default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch", type=int, default=None, metavar="N",
+        help="calibration samples moved to the device at a time (default: from the plan)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pipeline-batch", type=int, default=None, metavar="N",
+        help="prompts per pipeline call when calibrating from a pipeline (default 1: the same "
+        "samples as one call per prompt; larger values read the streamed weights fewer times)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def _load_model(spec: str, dtype, device: str) -> tuple[Any, Any, str]:
-    """(transformer, pipeline or None, short name) for ``--model``."""
-    from ..models import tiny
+def _source(spec: str, dtype) -> tuple[Any, Path | None, str]:
+    """(StreamSource of the transformer, pipeline directory or None, short name) for ``--model``."""
+    from .streaming import StreamSource
 
     if spec in ("tiny-flux", "tiny-sana"):
+        from ..models import tiny
+
         build = tiny.tiny_flux if spec == "tiny-flux" else tiny.tiny_sana
-        return build(seed=0, dtype=dtype).to(device), None, spec
+        return StreamSource.from_module(build(seed=0, dtype=dtype)), None, spec
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(
@@ -84,27 +122,40 @@ def _load_model(spec: str, dtype, device: str) -> tuple[Any, Any, str]:
         )
     if not path.is_dir():
         raise NotADirectoryError(f"--model {spec!r} is a file; expected a diffusers directory")
-    import diffusers
-
     if (path / "model_index.json").is_file():
-        _json_object(path / "model_index.json", spec)
-        pipe = _from_pretrained(diffusers.DiffusionPipeline, path, spec, dtype)
-        if getattr(pipe, "transformer", None) is None:
-            raise ValueError(f"--model {spec!r}: the pipeline has no transformer to quantize")
-        return pipe.to(device).transformer, pipe, path.name
-    if (path / "config.json").is_file():
-        name = _json_object(path / "config.json", spec).get("_class_name")
-        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
-        if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+        entry = _json_object(path / "model_index.json", spec).get("transformer")
+        if not (path / "transformer" / "config.json").is_file():
             raise ValueError(
-                f"--model {spec!r}: config.json names {name!r}, not a diffusers model class"
+                f"--model {spec!r}: the pipeline has no transformer to quantize "
+                f"(model_index.json names {entry!r}; no transformer/config.json)"
             )
-        model = _from_pretrained(cls, path, spec, dtype)
-        return model.to(device).eval(), None, path.name
+        return _model_source(path / "transformer", spec), path, path.name
+    if (path / "config.json").is_file():
+        return _model_source(path, spec), None, path.name
     raise ValueError(
         f"--model {spec!r} is not a diffusers model or pipeline directory "
         "(no config.json or model_index.json)"
     )
+
+
+def _model_source(directory: Path, spec: str):
+    """StreamSource of a diffusers model directory; a config that names no diffusers model
+    class, missing, truncated or foreign weight files: one ValueError naming --model."""
+    import diffusers
+
+    from .streaming import StreamSource
+
+    name = _json_object(directory / "config.json", spec).get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and hasattr(cls, "from_config")):
+        raise ValueError(
+            f"--model {spec!r}: {directory.name}/config.json names {name!r}, not a diffusers "
+            "model class"
+        )
+    try:
+        return StreamSource.from_directory(directory)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {spec!r}: cannot load {name} from {directory}: {exc}") from None
 
 
 def _json_object(path: Path, spec: str) -> dict:
@@ -121,29 +172,9 @@ def _json_object(path: Path, spec: str) -> dict:
     return value
 
 
-def _from_pretrained(cls, path: Path, spec: str, dtype):
-    """``cls.from_pretrained`` of a local directory, its failures (missing, truncated or
-    foreign weight files, configs it cannot build) reported as one ValueError naming --model."""
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its errors: reported below
-    try:
-        return cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
-    except Exception as exc:  # diffusers, safetensors and torch raise many types for bad files
-        lines = str(exc).strip().splitlines()
-        detail = lines[0] if lines else ""
-        raise ValueError(
-            f"--model {spec!r}: cannot load {getattr(cls, '__name__', cls)} from {path}: "
-            f"{type(exc).__name__}: {detail}"
-        ) from None
-    finally:
-        diffusers_logging.set_verbosity(level)
-
-
 def check_rank(model, config) -> None:
     """Refuse a rank that some W4A4 layer cannot hold (above min(N, K) of a layer or fused
-    group), rather than silently clamping it there."""
+    group), rather than silently clamping it there. ``model`` may live on the meta device."""
     from ..models.base import family_for
 
     if config.rank == 0:
@@ -168,11 +199,16 @@ def check_rank(model, config) -> None:
         )
 
 
-def _calibration(model, pipe, args) -> list[dict]:
-    from ..models.calibration import capture_pipeline_calibration, synthetic_calibration
+def _calibration(source, pipe_dir, args, dtype, device, dist, state_dir) -> list[dict]:
+    from ..models.calibration import synthetic_calibration
 
-    if pipe is None:
-        return synthetic_calibration(model, args.calib_samples, args.steps, args.seed)
+    if pipe_dir is None:
+        return synthetic_calibration(
+            source.meta_model(), args.calib_samples, args.steps, args.seed, dtype=dtype,
+            device="cpu",
+        )  # fmt: skip
+    from .pipeline_capture import capture_streamed
+
     if args.prompts is not None:
         prompts = [p.strip() for p in args.prompts.read_text().splitlines() if p.strip()]
         if not prompts:
@@ -180,7 +216,10 @@ def _calibration(model, pipe, args) -> list[dict]:
     else:
         prompts = list(DEFAULT_PROMPTS)
     prompts = (prompts * args.calib_samples)[: args.calib_samples]
-    return capture_pipeline_calibration(pipe, prompts, args.steps, seed=args.seed)
+    return capture_streamed(
+        pipe_dir, source, prompts, args.steps, seed=args.seed, dtype=dtype, device=device,
+        dist=dist, state_dir=state_dir, batch=args.pipeline_batch,
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,46 +228,67 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..capabilities import check_device
-    from ..checkpoint import check_output, save_quantized
+    from ..checkpoint import check_output
     from ..inspect_cli import summarize
     from ..tables import emit
-    from . import QuantConfig, quantize_model
+    from . import QuantConfig
+    from .distributed import init_from_env, rank_device, shutdown
+    from .plan import parse_size
     from .state import RunState
+    from .streaming import StreamOptions, quantize_streaming
 
     if args.calib_samples < 1 or args.steps < 1:
         raise ValueError(
             f"--calib-samples and --steps must be >= 1, got {args.calib_samples} and {args.steps}"
         )
-    device = check_device(args.device, "--device")
+    check_device(args.device, "--device")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for flag in ("batch", "pipeline_batch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    max_host = parse_size(args.max_host_memory) if args.max_host_memory is not None else None
     threads = args.threads or (1 if args.model.startswith("tiny-") else None)
     if threads is not None:
         # The tiny models are thousands of small ops: one thread is faster than two, and far
         # faster when another process competes for the cores (MKL/OpenMP threads then wait on
         # each other: 21 s on one thread vs 209 s on two, measured on a loaded 2-core machine).
+        # Under torchrun, give every rank the --threads of the one-process run it should match.
         torch.set_num_threads(threads)
     dtype = getattr(torch, _DTYPES[args.dtype])
     config = QuantConfig(
         format=args.format, rank=args.rank, smooth=not args.no_smooth, gptq=args.gptq,
         svd=args.svd, dtype=dtype, seed=args.seed, skip_incompatible=args.skip_incompatible,
         unsigned_gelu=not args.signed_gelu, nunchaku_compatible=args.nunchaku_compatible,
+        smooth_grid=args.smooth_grid, lowrank_iters=args.lowrank_iters,
+        calib_tokens=args.calib_tokens, search_tokens=min(1024, args.calib_tokens),
     )  # fmt: skip
     if args.prompts is not None and not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file not found: {args.prompts}")
     start = time.perf_counter()
     if args.out is not None:
         check_output(args.out)  # before any work: never destroy what the user has there
-    model, pipe, name = _load_model(args.model, dtype, device)
-    check_rank(model, config)
-    out = check_output(args.out or Path(f"{name}-{config.format}-r{config.rank}.safetensors"))
-    state_dir = out.with_name(out.name + ".partial")
-    if state_dir.exists() and not args.resume:
-        RunState.check_owned(state_dir)  # only a state directory of ours is wiped
-        shutil.rmtree(state_dir)  # a fresh run starts over
-    calib = _calibration(model, pipe, args)
-    report = quantize_model(model, calib, config, progress=True, state_dir=state_dir)
-    save_quantized(model, out, config=config, report=report)
+    dist = init_from_env(args.device)
+    try:
+        device = rank_device(args.device, dist)
+        source, pipe_dir, name = _source(args.model, dtype)
+        check_rank(source.meta_model(), config)
+        out = check_output(args.out or Path(f"{name}-{config.format}-r{config.rank}.safetensors"))
+        state_dir = out.with_name(out.name + ".partial")
+        if dist.is_main and state_dir.exists() and not args.resume:
+            RunState.check_owned(state_dir)  # only a state directory of ours is wiped
+            shutil.rmtree(state_dir)  # a fresh run starts over
+        dist.barrier()
+        calib = _calibration(source, pipe_dir, args, dtype, device, dist, state_dir)
+        options = StreamOptions(
+            device=device, calib_cache=args.calib_cache, max_host_memory=max_host,
+            batch=args.batch, progress=True, resume=args.resume,
+        )  # fmt: skip
+        report = quantize_streaming(source, calib, config, out, state_dir, options, dist)
+    finally:
+        shutdown(dist)
+    if not dist.is_main:
+        return 0
     shutil.rmtree(state_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
 
@@ -245,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
         "mean_rel_err": stats["mean_rel_err"],
         "max_rel_err": stats["max_rel_err"],
         "seconds": seconds,
+        "ranks": dist.world,
         "checkpoint": str(out),
     }
     columns = [

@@ -105,6 +105,9 @@ def _is_state_file(name: str) -> bool:
         or fnmatch.fnmatch(name, ".*.tmp-*")
         or fnmatch.fnmatch(name, "block-*.safetensors")
         or fnmatch.fnmatch(name, "inputs-*.pt")
+        # a streaming run (stream_state.py): tensors outside the blocks, spilled calibration
+        # inputs, the calibration records captured from a pipeline
+        or name in ("outside.safetensors", "calib", "calibration.pt")
     )
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import dcgen_quant.quantize.model as model_module
+import dcgen_quant.quantize.block as block_module
 from dcgen_quant.models import synthetic_calibration
 from dcgen_quant.models.tiny import tiny_flux, tiny_sana
 from dcgen_quant.nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Linear
@@ -118,7 +118,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     quantize_model(full, calib, config, progress=False)
 
     state = tmp_path / "state"
-    real = model_module.quantize_group
+    real = block_module.quantize_group
 
     def failing(specs, x, cfg, **kw):
         # after single block 0, so that a restored block holds a split proj_out
@@ -126,7 +126,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
         return real(specs, x, cfg, **kw)
 
-    monkeypatch.setattr(model_module, "quantize_group", failing)
+    monkeypatch.setattr(block_module, "quantize_group", failing)
     with pytest.raises(KeyboardInterrupt):
         quantize_model(tiny_flux(), calib, config, progress=False, state_dir=state)
     progress = json.loads((state / "progress.json").read_text())
@@ -135,7 +135,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
         "block-0000.safetensors", "block-0001.safetensors", "block-0002.safetensors",
         "inputs-0003.pt", "progress.json",
     ]  # fmt: skip
-    monkeypatch.setattr(model_module, "quantize_group", real)
+    monkeypatch.setattr(block_module, "quantize_group", real)
 
     resumed = tiny_flux()
     report = quantize_model(resumed, calib, config, progress=False, state_dir=state)

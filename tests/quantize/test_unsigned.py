@@ -28,9 +28,9 @@ from dcgen_quant.models.base import PlannedGroup, family_for
 from dcgen_quant.models.tiny import tiny_flux, tiny_sana
 from dcgen_quant.nn import SVDQLinear, SVDQSplitLinear
 from dcgen_quant.quantize import QuantConfig, quantize_linear
+from dcgen_quant.quantize.block import _unsigned_ok
 from dcgen_quant.quantize.fakequant import fake_quant_act
 from dcgen_quant.quantize.layer import linear_spec, quantize_split
-from dcgen_quant.quantize.model import _unsigned_ok
 
 from ..quantized_models import FAST_QUANT, randomly_quantized_tiny_flux, tiny_flux_inputs
 from ..test_checkpoint import _rewrite
