@@ -164,13 +164,6 @@ else
     printf '%-16s skipped (dcgen_quant.bench.kernel_bench not in this build)\n' kernel_bench >>"$SUMMARY"
 fi
 
-# --- imported Nunchaku-format FLUX blocks through the Triton and CUDA backends (interop) ----------
-if ((DRY)); then
-    stage gpu_interop 180 "$PY -m dcgen_quant.bench.gpu_interop --dry-run --formats int4 --out '$OUTDIR/gpu_interop'"
-else
-    stage gpu_interop 120 "$PY -m dcgen_quant.bench.gpu_interop --out '$OUTDIR/gpu_interop'"
-fi
-
 # --- measured latency table (base vs DC-Gen, bf16 and W4A4 when kernels serve it) -------------
 if ((DRY)); then
     stage latency 240 "$PY -m dcgen_quant bench table --measured --tiny --out '$OUTDIR/latency'"
@@ -180,6 +173,13 @@ else
     lat_budget=$((lat_limit - 90 > 30 ? lat_limit - 90 : 30))
     stage latency "$lat_limit" "$PY -m dcgen_quant bench table --measured --budget-s $lat_budget \
         --out '$OUTDIR/latency'"
+fi
+
+# --- imported Nunchaku-format FLUX blocks through the Triton and CUDA backends (interop) ----------
+if ((DRY)); then
+    stage gpu_interop 180 "$PY -m dcgen_quant.bench.gpu_interop --dry-run --formats int4 --out '$OUTDIR/gpu_interop'"
+else
+    stage gpu_interop 120 "$PY -m dcgen_quant.bench.gpu_interop --out '$OUTDIR/gpu_interop'"
 fi
 
 # --- DC-Gen stage 3 at full width, with and without checkpointing: step time, peak vs plan -------
