@@ -62,6 +62,9 @@ class QuantConfig:
     (DeepCompressor); "output": the SVD that minimizes the layer's output error on the fitting
     tokens (activation-whitened, lowrank.py); "auto": the SVD refinement, then output-aware
     steps while they lower the held-out error."""
+    rank_alloc: bool = False
+    """Per-layer ranks (multiples of 16, up to ``2 * rank``) chosen per transformer block by
+    held-out error per byte, within the bytes of the uniform ``rank`` (ranks.py)."""
     lowrank_shrink: float = 0.5
     """Weight of the diagonal in the activation Gram that whitens the output-aware branch,
     ``(1 - s) X^T X + s diag(X^T X)``: 0 is the pure output error, 1 a per-channel weighting."""
@@ -108,6 +111,8 @@ class QuantConfig:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.lowrank not in ("auto", "svd", "output"):
             raise ValueError(f"lowrank must be 'auto', 'svd' or 'output', got {self.lowrank!r}")
+        if self.rank_alloc and (self.rank < 16 or self.rank % 16):
+            raise ValueError(f"rank_alloc needs a rank that is a multiple of 16, got {self.rank}")
         if not 0 <= self.lowrank_shrink <= 1:
             raise ValueError(f"lowrank_shrink must be in [0, 1], got {self.lowrank_shrink}")
         if self.gptq_shrink is not None and not 0 <= self.gptq_shrink <= 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from .layer import (
     quantize_weight_only,
     seed_for,
 )
+from .ranks import block_ranks
 from .report import LayerReport, QuantReport
 from .state import RunState, fingerprint, replace_module
 
@@ -106,6 +108,7 @@ def _quantize_block(
             if i == 0:
                 collector.check_shared_inputs()
 
+    ranks = block_ranks(model, plan, reservoirs, config) if config.rank_alloc else {}
     entries = [_skipped_entry(name, module, reason) for name, module, reason in plan.skipped]
     new_modules: dict[str, nn.Module] = {}
     bar = tqdm(
@@ -128,7 +131,10 @@ def _quantize_block(
                 results = [quantize_split(specs[0], x, config, group.split_at)]
             else:
                 unsigned = group.act_unsigned and _unsigned_ok(group, x, names)
-                results = quantize_group(specs, x, config, act_unsigned=unsigned)
+                cfg = config
+                if names[0] in ranks:
+                    cfg = dataclasses.replace(config, rank=ranks[names[0]])
+                results = quantize_group(specs, x, cfg, act_unsigned=unsigned)
         for (module, entry), spec in zip(results, specs):
             module = module.to(device)
             replace_module(model, spec.name, module)
