@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -161,9 +162,8 @@ def layers_part(sizes, formats, repeats: int, progress: bool) -> list[dict[str, 
         for kind in ("iid", "correlated"):
             lin, calib, fresh = outlier_layer(k, n, kind)
             for fmt in formats:
-                rows = _timed_runs(
-                    lambda v: measure_layer(lin, calib, fresh, v, fmt), LAYER_VARIANTS, repeats
-                )
+                run = functools.partial(measure_layer, lin, calib, fresh, fmt=fmt)
+                rows = _timed_runs(lambda v, run=run: run(variant=v), LAYER_VARIANTS, repeats)
                 entry = {"layer": f"{k}->{n}", "inputs": kind, "format": fmt, "rows": rows}
                 out.append(entry)
                 if progress:
@@ -244,7 +244,8 @@ def model_part(formats, repeats: int, quick: bool, progress: bool) -> list[dict[
     out = []
     variants = ("baseline", "default") if quick else MODEL_VARIANTS
     for fmt in formats:
-        rows = _timed_runs(lambda v: measure_model(v, fmt, quick), variants, repeats)
+        run = functools.partial(measure_model, fmt=fmt, quick=quick)
+        rows = _timed_runs(lambda v, run=run: run(variant=v), variants, repeats)
         entry = {"model": "tiny-flux", "format": fmt, "rows": rows}
         out.append(entry)
         if progress:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+
 def heldout_count(tokens: int, fraction: float) -> int:
     """How many of ``tokens`` calibration tokens are held out: ``floor(tokens * fraction)``, or 0
     (no split) when that leaves no token on either side."""

@@ -365,9 +365,7 @@ def quantize_group(
         result = refine_output(
             problem, result, whitener, config.lowrank_iters, config.svd, generator, judge
         )
-    modules, used_gptq = _w4a4_modules(
-        problem, judge, result, specs, splits, config, config.gptq
-    )
+    modules, used_gptq = _w4a4_modules(problem, judge, result, specs, splits, config, config.gptq)
 
     naive = smooth_only = [None] * len(specs)
     if baselines:

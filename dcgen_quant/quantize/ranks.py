@@ -83,7 +83,8 @@ def rank_errors(
         residual_q = problem.quantize_residual(w_hat - lowrank_weight(pd, pu, lam))
         best = judge.objective(lam, pd, pu, residual_q)
         for _ in range(config.lowrank_iters):
-            pd, pu = lowrank_factors(w_hat - residual_q, lam, r, config.dtype, config.svd, generator)
+            target = w_hat - residual_q
+            pd, pu = lowrank_factors(target, lam, r, config.dtype, config.svd, generator)
             candidate_q = problem.quantize_residual(w_hat - lowrank_weight(pd, pu, lam))
             obj = judge.objective(lam, pd, pu, candidate_q)
             if obj >= best:

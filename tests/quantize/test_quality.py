@@ -130,7 +130,8 @@ def test_report_carries_both_errors():
     assert QuantReport.from_dict(d).layers == report.layers
     # nothing held out: in-sample only
     plain = QuantReport()
-    quantize_linear(lin, calib, QuantConfig(smooth_grid=2, lowrank_iters=1, holdout=0), report=plain)
+    cfg = QuantConfig(smooth_grid=2, lowrank_iters=1, holdout=0)
+    quantize_linear(lin, calib, cfg, report=plain)
     assert plain["linear"].err_heldout is None and plain["linear"].heldout_tokens == 0
     assert plain.summary()["mean_rel_err_heldout"] is None
 
