@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small layer, short model run")
     parser.add_argument("--formats", default="int4,nvfp4", help="comma-separated formats")
     parser.add_argument("--parts", default="layers,model", help="layers, model or both")
+    parser.add_argument(
+        "--sizes", default=",".join(f"{k}x{n}" for k, n in SIZES),
+        help="synthetic layers as KxN, comma-separated (default: the two FLUX sizes)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="runs of baseline and default")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -344,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")  # the small-calibration GPTQ warning, once per layer shape
     from .quantizer_speed import environment
 
-    sizes = QUICK_SIZES if args.quick else SIZES
+    try:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",") if s]
+    except ValueError:
+        parser.error(f"--sizes: expected KxN[,KxN...], got {args.sizes!r}")
+    if args.quick:
+        sizes = QUICK_SIZES
     result = {
         "benchmark": NAME,
         "repeats": args.repeats,
