@@ -13,7 +13,8 @@
 #   GPU_CHECK_BUDGET_S  total seconds for all stages (default 540)
 #   GPU_CHECK_MAX_STAGE_S  upper bound on any one stage's time box (default: none)
 #   GPU_CHECK_SKIP      comma-separated stages to skip (env,wheels,build,cmake,gpu_tests,
-#                       kernel_bench,latency,quantizer_speed); default "cmake"
+#                       kernel_bench,latency,gpu_interop,gpu_adapt,quantizer_speed); default
+#                       "cmake"
 #   PYTHON              interpreter (default python3)
 #   WHEEL_DIR           carried wheels (default .whl; see bench/fetch_gpu_wheels.sh)
 #   DCGEN_QUANT_CUDA_ARCHS, DCGEN_QUANT_SKIP_CUDA   passed through to the CUDA build (default
@@ -22,7 +23,7 @@
 # With the device tool: carry [".whl"] and run, e.g.,
 #   bash bench/gpu_check.sh "$OUT/gpu" ; cp -r bench/results "$OUT/" 2>/dev/null
 # Files in OUTDIR: summary.txt, <stage>.log, latency/<gpu>-<date>.{md,json,png},
-# kernel_bench/ and quantizer_speed/ (their .md/.json), gpu_tests.xml.
+# kernel_bench/, gpu_interop/ and quantizer_speed/ (their .md/.json), gpu_tests.xml.
 
 set -uo pipefail
 
@@ -162,6 +163,13 @@ else
     printf '%-16s skipped (dcgen_quant.bench.kernel_bench not in this build)\n' kernel_bench >>"$SUMMARY"
 fi
 
+# --- imported Nunchaku-format FLUX blocks through the Triton and CUDA backends (interop) ----------
+if ((DRY)); then
+    stage gpu_interop 180 "$PY -m dcgen_quant.bench.gpu_interop --dry-run --formats int4 --out '$OUTDIR/gpu_interop'"
+else
+    stage gpu_interop 120 "$PY -m dcgen_quant.bench.gpu_interop --out '$OUTDIR/gpu_interop'"
+fi
+
 # --- measured latency table (base vs DC-Gen, bf16 and W4A4 when kernels serve it) -------------
 if ((DRY)); then
     stage latency 240 "$PY -m dcgen_quant bench table --measured --tiny --out '$OUTDIR/latency'"
@@ -172,6 +180,9 @@ else
     stage latency "$lat_limit" "$PY -m dcgen_quant bench table --measured --budget-s $lat_budget \
         --out '$OUTDIR/latency'"
 fi
+
+# --- DC-Gen stage 3 at full width, with and without checkpointing: step time, peak vs plan -------
+stage gpu_adapt 150 "$PY -m dcgen_quant.bench.gpu_adapt --out '$OUTDIR/gpu_adapt'$( ((DRY)) && echo ' --dry-run')"
 
 # --- quantizer speed (quantizer engineer's module), last: least GPU-specific --------------------
 if has_module dcgen_quant.bench.quantizer_speed; then

@@ -548,7 +548,8 @@ def load_quantized(
 
     Parameters
     ----------
-    path : checkpoint file or sharded directory (from :func:`save_quantized`)
+    path : checkpoint file or sharded directory (from :func:`save_quantized`); a Nunchaku
+        FLUX checkpoint or DeepCompressor output folder is imported instead (docs/INTEROP.md)
     model : optional diffusers model of the same class and config to load into (its 16-bit
         target layers are replaced); by default the model is rebuilt from the metadata alone
     device : where the loaded model lives
@@ -563,6 +564,12 @@ def load_quantized(
     The model in eval mode, with ``dcgen_quant_config`` / ``dcgen_quant_report`` attached.
     """
     path = Path(path)
+    from .interop.nunchaku.detect import foreign_kind
+
+    if foreign_kind(path):  # a Nunchaku checkpoint or DeepCompressor folder (docs/INTEROP.md)
+        from .interop.nunchaku.importer import load_foreign
+
+        return load_foreign(path, model, device, layout, fuse)
     reader = _Reader(path)
     meta = read_metadata(path)
     description, layers = meta["model"], meta["layers"]

@@ -1,4 +1,4 @@
-"""``python -m dcgen_quant {quantize,inspect,adapt,generate,bench}``.
+"""``python -m dcgen_quant {quantize,inspect,adapt,generate,evaluate,bench,convert}``.
 
 Each command lives in its own module, which exposes ``HELP`` (one line), ``add_arguments(parser)``
 and ``run(args) -> int``. Modules import their heavy dependencies inside ``run`` so that
@@ -18,7 +18,9 @@ COMMANDS = {
     "inspect": "dcgen_quant.inspect_cli",
     "adapt": "dcgen_quant.adapt.cli",
     "generate": "dcgen_quant.generate_cli",
+    "evaluate": "dcgen_quant.evaluate.cli",
     "bench": "dcgen_quant.bench.cli",
+    "convert": "dcgen_quant.interop.cli",
 }
 
 # Exceptions that mean "bad input", reported as a one-line error.

@@ -21,6 +21,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 HELP = "generate images with an adapted (DC-Gen) and/or 4-bit quantized FLUX / SANA transformer"
 
@@ -42,7 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_transformer(path: Path, device, dtype):
-    """(transformer, default autoencoder dir or None, pipeline dir with text encoders or None)."""
+    """Load what ``--model`` names: (transformer, default autoencoder dir or None, pipeline dir
+    with text encoders or None).
+
+    ``path`` is a 4-bit checkpoint (loaded with q/k/v fused, in its own dtypes), a diffusers
+    pipeline directory or a transformer directory (moved to ``dtype``); an adapted model's
+    ``dcgen_adapt.json`` names its autoencoder. Shared by ``generate`` and ``evaluate``.
+    """
     from .adapt.runner import load_base
     from .checkpoint import is_checkpoint, load_quantized
 
@@ -57,14 +67,60 @@ def load_transformer(path: Path, device, dtype):
     return model, vae_dir, (path if pipeline_cls else None)
 
 
+def text_pipeline(text: str | None, default_dir: Path | None) -> tuple[Path | None, str | None]:
+    """(directory, pipeline class name) whose text encoders embed the prompts.
+
+    ``text`` is the ``--text`` argument (must be a pipeline directory); without it
+    ``default_dir`` (a pipeline directory or None) is used.
+    """
+    from .adapt.runner import _class_of
+
+    if text is not None:
+        kind, cls = _class_of(Path(text), "--text")
+        if kind != "pipeline":
+            raise ValueError(f"--text: {text} is a {cls}, not a pipeline directory")
+        return Path(text), cls
+    if default_dir is None:
+        return None, None
+    return default_dir, _class_of(default_dir, "--model")[1]
+
+
+def load_text_encoder(text_dir: Path | None, pipeline_cls: str | None, model, length: int):
+    """The pipeline's text encoders, or the HashedText stand-in (with a warning on stderr)."""
+    from .adapt import data as D
+    from .adapt.runner import text_encoder_for
+
+    encoder = text_encoder_for(text_dir or Path("."), pipeline_cls, model, length)
+    if isinstance(encoder, D.HashedText):
+        print(
+            "warning: no text encoders (--text PIPELINE_DIR); prompts are embedded by the "
+            "HashedText stand-in, which carries word identity, not meaning",
+            file=sys.stderr,
+        )
+    return encoder
+
+
+def to_pixels(image) -> np.ndarray:
+    """uint8 [R, R, 3] of an image float32 [3, R, R] in [-1, 1] (what the PNG holds)."""
+    return ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+
+
+def save_png(pixels: np.ndarray, target: Path) -> None:
+    """Write uint8 [H, W, 3] pixels as a PNG, atomically."""
+    from PIL import Image
+
+    from .atomic import atomic_path
+
+    with atomic_path(target) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+
+
 def run(args) -> int:
     import torch
 
-    from .adapt import data as D
     from .adapt import family as fam
-    from .adapt.runner import _class_of, load_autoencoder, text_encoder_for
+    from .adapt.runner import load_autoencoder
     from .adapt.sample import generate
-    from .atomic import atomic_path
     from .tables import format_table
 
     if args.steps < 1:
@@ -85,22 +141,10 @@ def run(args) -> int:
     ae = load_autoencoder(ae_dir, "--ae").to(device)
     channels = int(ae.config.latent_channels)
     fam.latent_patch_size(model, channels)  # raises if the model cannot read this latent
-    if args.text is not None:
-        kind, cls = _class_of(Path(args.text), "--text")
-        if kind != "pipeline":
-            raise ValueError(f"--text: {args.text} is a {cls}, not a pipeline directory")
-        text_dir, pipeline_cls = Path(args.text), cls
-    else:
-        pipeline_cls = _class_of(text_dir, "--model")[1] if text_dir is not None else None
+    text_dir, pipeline_cls = text_pipeline(args.text, text_dir)
     family = fam.family_of(model)
     length = args.text_length or (512 if family == "flux" else 300)
-    encoder = text_encoder_for(text_dir or path, pipeline_cls, model, length)
-    if isinstance(encoder, D.HashedText):
-        print(
-            "warning: no text encoders (--text PIPELINE_DIR); prompts are embedded by the "
-            "HashedText stand-in, which carries word identity, not meaning",
-            file=sys.stderr,
-        )
+    encoder = load_text_encoder(text_dir or path, pipeline_cls, model, length)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -111,12 +155,8 @@ def run(args) -> int:
             guidance=args.guidance, seed=args.seed + i, progress=True,
         )[0]  # fmt: skip
         seconds = time.perf_counter() - start
-        pixels = ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-        from PIL import Image
-
         target = out / f"{i}.png"
-        with atomic_path(target) as tmp:
-            Image.fromarray(pixels).save(tmp, format="PNG")
+        save_png(to_pixels(image), target)
         rows.append({"image": str(target), "seconds": seconds, "prompt": prompt})
     cols = [("image", "image", None), ("seconds", "seconds", ".2f"), ("prompt", "prompt", None)]
     print(format_table(rows, cols))

@@ -20,6 +20,8 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
     assert "pytest" in install_and_test
     for cmd in commands:
         assert "torch==2.13.0" in cmd  # a bare `torch` pulls a multi-GB CUDA build on CPU machines
+    # the Nunchaku converter oracle (tests/interop/) is installed without its heavy declared deps
+    assert "pip install --no-deps deepcompressor-toolkit==0.1.0" in install_and_test
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert install_and_test in ci_lines
 

@@ -12,6 +12,10 @@ plain diffusers transformer directory. Interrupted runs continue with ``--resume
 Demo on tiny models and scikit-image photographs (see dcgen_quant/adapt/demo.py)::
 
     python -m dcgen_quant adapt --demo [--family flux|sana] [--out DIR]
+
+Many processes (one per GPU; the same options, the same optimization)::
+
+    torchrun --nproc-per-node 8 -m dcgen_quant adapt ... --device cuda [--grad-checkpoint]
 """
 
 from __future__ import annotations
@@ -73,6 +77,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="frozen transformer weights; bfloat16 trains under autocast, trainable params float32",
     )
     hp.add_argument("--report-images", type=int, default=16, help="held-out images reported")
+    hp.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip the alignment report (it runs the base and every stage on held-out images)",
+    )
+    sc = parser.add_argument_group("scale (see docs/ADAPT.md, 'Full size')")
+    sc.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="activation checkpointing of every transformer block (recompute in backward)",
+    )
+    sc.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches per process and step; the step's batch stays --batch-size",
+    )
+    sc.add_argument(
+        "--memory-limit",
+        type=float,
+        help="GiB per device the memory plan must fit (default: the CUDA device's memory)",
+    )
 
 
 def _options(args, demo: bool):
@@ -87,6 +113,9 @@ def _options(args, demo: bool):
         ckpt_every=args.ckpt_every,
         resume=args.resume,
         dtype=args.dtype,
+        grad_checkpoint=args.grad_checkpoint,
+        grad_accum=args.grad_accum,
+        memory_limit_gib=args.memory_limit,
     )
     if demo:
         opts.steps, opts.lr, opts.batch_size = dict(DEMO_STEPS), dict(DEMO_LR), dict(DEMO_BATCH)
@@ -141,18 +170,35 @@ def _report_json(mse, flow, breakdown, extra: dict) -> str:
 
 
 def run(args) -> int:
-    from ..atomic import atomic_write_text
-    from .report import save_plot
-    from .runner import Context, Inputs, evaluate, run_chain
+    from . import distributed
 
+    if args.grad_accum < 1:
+        raise ValueError(f"--grad-accum: got {args.grad_accum}; expected an int >= 1")
+    if args.memory_limit is not None and not args.memory_limit > 0:
+        raise ValueError(f"--memory-limit: got {args.memory_limit}; expected GiB > 0")
     if args.demo:
         for name in ("base", "base_ae", "target_ae", "data", "heldout"):
             if getattr(args, name) is not None:
                 raise ValueError(f"--{name.replace('_', '-')}: not used with --demo")
-        return _run_demo(args)
-    for name in ("base", "target_ae", "data", "out"):
-        if getattr(args, name) is None:
-            raise ValueError(f"--{name.replace('_', '-')}: required (or use --demo)")
+        if args.no_report:
+            raise ValueError("--no-report: the demo exists for its report")
+    else:
+        for name in ("base", "target_ae", "data", "out"):
+            if getattr(args, name) is None:
+                raise ValueError(f"--{name.replace('_', '-')}: required (or use --demo)")
+    # under torchrun: one process per device, torch.distributed initialized (gloo on CPUs)
+    dist = distributed.init(args.device)
+    try:
+        return _run_demo(args, dist) if args.demo else _run_dirs(args, dist)
+    finally:
+        dist.shutdown()
+
+
+def _run_dirs(args, dist) -> int:
+    from ..atomic import atomic_write_text
+    from .report import save_plot
+    from .runner import Context, Inputs, evaluate, run_chain
+
     out = Path(args.out)
     inputs = Inputs(
         base=args.base,
@@ -167,8 +213,14 @@ def run(args) -> int:
         report_images=args.report_images,
     )
     opts = _options(args, demo=False)
-    ctx = Context(inputs, out / "cache", device=args.device, dtype=args.dtype)
+    ctx = Context(inputs, out / "cache", device=args.device, dtype=args.dtype, dist=dist)
     state = run_chain(ctx, out, opts)
+    if not dist.main:  # the report and its files are rank 0's
+        return 0
+    if args.no_report:
+        doc = {"out": str(out), "model": str(out / "model"), "stages": state["stages"]}
+        print(json.dumps(doc, indent=2, default=str) if args.json else f"model: {doc['model']}")
+        return 0
     names = {s: s for s in ("surgery", "align", "head", "lora")}
     mse, flow, breakdown = evaluate(ctx, [(out, names)], opts.reconcile)
     plot = save_plot(out / "report.png", mse, flow, f"DC-Gen adapt ({ctx.family})")
@@ -187,7 +239,7 @@ def run(args) -> int:
     return 0
 
 
-def _run_demo(args) -> int:
+def _run_demo(args, dist) -> int:
     import torch
 
     from ..atomic import atomic_write_text
@@ -199,7 +251,7 @@ def _run_demo(args) -> int:
     # order, hence every number of the demo, reproducible on a given machine.
     torch.set_num_threads(1)
     out = Path(args.out or "adapt-demo")
-    if (out / "inputs.json").exists() and not args.resume:
+    if not dist.all_ok(not (out / "inputs.json").exists() or args.resume):
         raise ValueError(f"out: {out} already holds a demo run; pass --resume or another --out")
     cfg = DemoConfig(
         family=args.family,
@@ -207,8 +259,12 @@ def _run_demo(args) -> int:
         seed=args.seed,
         text_length=args.text_length or 16,
     )
-    info = build_inputs(out / "inputs", cfg)
-    atomic_write_text(out / "inputs.json", json.dumps(info, indent=2) + "\n")
+    if dist.main:  # rank 0 builds the demo's inputs; the others read what it wrote
+        info = build_inputs(out / "inputs", cfg)
+        atomic_write_text(out / "inputs.json", json.dumps(info, indent=2) + "\n")
+    dist.barrier()
+    if not dist.main:
+        info = build_inputs(out / "inputs", cfg)
     inputs = Inputs(
         base=info["base"],
         target_ae=info["target_ae"],
@@ -220,12 +276,14 @@ def _run_demo(args) -> int:
         text_length=cfg.text_length,
         report_images=args.report_images,
     )
-    ctx = Context(inputs, out / "cache", device=args.device, dtype=args.dtype)
+    ctx = Context(inputs, out / "cache", device=args.device, dtype=args.dtype, dist=dist)
     opts = _options(args, demo=True)
     opts.stage, opts.resume = "all", True  # a demo run always continues what it finds
     aligned = run_chain(ctx, out / "aligned", opts)
     opts.stage = "lora"
     unaligned = run_chain(ctx, out / "unaligned", opts)
+    if not dist.main:
+        return 0
     runs = [
         (
             out / "aligned",

@@ -128,31 +128,41 @@ def flow_loss(
     generator: torch.Generator,
     objective: FlowObjective,
     p: int,
+    rows: torch.Tensor | None = None,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
-    """One batch of the (guidance-distilled) rectified-flow loss.
+    """One batch of the (guidance-distilled) rectified-flow loss, or some rows of one.
 
     Parameters
     ----------
     model : FLUX / SANA transformer (train mode or not; gradients flow to trainable params)
-    x0 : float32 [B, C, H, W] clean scaled latents
+    x0 : float32 [B, C, H, W] clean scaled latents (only the ``rows`` of the batch when given)
     text : the captions' conditioning, B rows; empty : the empty prompt's, 1 row
-    generator : CPU generator; draws, in this order, sigma [B], eps [B, C, H, W], the text-drop
-        uniforms [B] and w [B], whether used or not, so a step's randomness depends only on it
+    generator : CPU generator; draws, in this order, sigma [N], eps [N, C, H, W], the text-drop
+        uniforms [N] and w [N] for the whole batch of N = ``batch_size`` (default B), whether
+        used or not, so a step's randomness depends only on it
     objective : see :class:`FlowObjective`
     p : latent patch size of ``model`` on these latents
+    rows : int64 [B], which rows of the batch of ``batch_size`` ``x0`` and ``text`` are (the
+        part one process or one micro-batch computes; default all)
 
     Returns
     -------
-    float32 scalar: mean squared error of v_hat against eps - x0.
+    float32 scalar: mean squared error of v_hat against eps - x0 over the B rows.
     """
-    b = x0.shape[0]
+    n = batch_size or x0.shape[0]
     sigma = sample_sigma(
-        b, generator, _shift_for(objective.shift, x0, p), objective.logit_mean, objective.logit_std
+        n, generator, _shift_for(objective.shift, x0, p), objective.logit_mean, objective.logit_std
     )
-    eps = torch.randn(x0.shape, generator=generator)
-    drop = torch.rand(b, generator=generator) < objective.text_drop
+    eps = torch.randn((n, *x0.shape[1:]), generator=generator)
+    drop = torch.rand(n, generator=generator) < objective.text_drop
     lo, hi = objective.guidance_range
-    w = lo + (hi - lo) * torch.rand(b, generator=generator)
+    w = lo + (hi - lo) * torch.rand(n, generator=generator)
+    if rows is not None:
+        sigma, eps, drop, w = sigma[rows], eps[rows], drop[rows], w[rows]
+    if eps.shape[0] != x0.shape[0]:
+        raise ValueError(f"rows: {eps.shape[0]} rows for a batch x0 of {x0.shape[0]}")
+    b = x0.shape[0]
     dev = x0.device
     sigma, eps, w = sigma.to(dev), eps.to(dev, x0.dtype), w.to(dev)
     s = sigma.view(-1, 1, 1, 1).to(x0.dtype)

@@ -16,15 +16,31 @@ with ``resume=True``. Stages run in the order align, head, lora; a stage may be 
 
 from __future__ import annotations
 
+import gc
 import json
+import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_path, atomic_write_text
-from . import data as D
 from . import family as fam
+from . import memory_plan as MP
+
+# re-exported: generate_cli and tests import the loaders from here
+from .context import (  # noqa: F401
+    AUTOENCODERS,
+    PIPELINES,
+    TRANSFORMERS,
+    Context,
+    Inputs,
+    _class_of,
+    load_autoencoder,
+    load_base,
+    text_encoder_for,
+)
 from .flow import FlowObjective
 from .stages import add_lora, align, align_head, finetune_lora, merge
 from .surgery import save_adapted, surgery
@@ -32,161 +48,6 @@ from .train import TrainConfig
 
 STAGES = ("align", "head", "lora")
 STATE_FILE = "adapt.json"
-TRANSFORMERS = ("FluxTransformer2DModel", "SanaTransformer2DModel")
-AUTOENCODERS = ("AutoencoderKL", "AutoencoderDC")
-PIPELINES = {"FluxPipeline": "flux", "SanaPipeline": "sana"}
-
-
-def _class_of(path: Path, what: str) -> tuple[str, str]:
-    """("pipeline" | "model", class name) of a diffusers directory."""
-    if not path.exists():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
-    if not path.is_dir():
-        raise NotADirectoryError(f"{what}: {path} is not a directory")
-    for kind, name in (("pipeline", "model_index.json"), ("model", "config.json")):
-        f = path / name
-        if f.is_file():
-            cls = json.loads(f.read_text()).get("_class_name")
-            return kind, str(cls)
-    raise ValueError(
-        f"{what}: {path} is neither a diffusers pipeline (model_index.json) nor a diffusers "
-        "model (config.json)"
-    )
-
-
-def load_autoencoder(path: str | Path, what: str):
-    import diffusers
-
-    path = Path(path)
-    kind, cls = _class_of(path, what)
-    if kind != "model" or cls not in AUTOENCODERS:
-        raise ValueError(f"{what}: {path} holds a {cls}; expected one of {AUTOENCODERS}")
-    return getattr(diffusers, cls).from_pretrained(path, local_files_only=True).eval()
-
-
-def load_base(path: str | Path):
-    """(transformer, vae dir or None, pipeline class or None) from a pipeline or model dir."""
-    import diffusers
-
-    path = Path(path)
-    kind, cls = _class_of(path, "base")
-    if kind == "pipeline":
-        if cls not in PIPELINES:
-            raise ValueError(f"base: {path} is a {cls}; expected one of {tuple(PIPELINES)}")
-        sub = path / "transformer"
-        _, tcls = _class_of(sub, "base transformer")
-        if tcls not in TRANSFORMERS:
-            raise ValueError(f"base: {sub} holds a {tcls}; expected one of {TRANSFORMERS}")
-        model = getattr(diffusers, tcls).from_pretrained(sub, local_files_only=True)
-        vae = path / "vae"
-        return model.eval(), (vae if vae.is_dir() else None), cls
-    if cls not in TRANSFORMERS:
-        raise ValueError(
-            f"base: {path} holds a {cls}; expected one of {TRANSFORMERS} or a pipeline"
-        )
-    return getattr(diffusers, cls).from_pretrained(path, local_files_only=True).eval(), None, None
-
-
-def text_encoder_for(base_dir: Path, pipeline_cls, model, length: int):
-    """The pipeline's text encoders if ``base_dir`` has them, else :class:`data.HashedText`."""
-    if pipeline_cls is not None and (base_dir / "text_encoder").is_dir():
-        import diffusers
-
-        pipe = getattr(diffusers, pipeline_cls).from_pretrained(
-            base_dir, transformer=None, vae=None, local_files_only=True
-        )
-        return D.PipelineText(pipe, length, D.dir_fingerprint(base_dir / "text_encoder"))
-    cfg = model.config
-    if fam.family_of(model) == "flux":
-        return D.HashedText(cfg.joint_attention_dim, cfg.pooled_projection_dim, length)
-    return D.HashedText(cfg.caption_channels, None, length, mask=True)
-
-
-@dataclass
-class Inputs:
-    """What the chain adapts, from what data (CLI arguments of the same names)."""
-
-    base: str
-    target_ae: str
-    data: str
-    base_ae: str | None = None
-    heldout: str | None = None
-    resolution: int = 1024
-    holdout: int | None = None
-    caption: str = "a photo"
-    text_length: int = 64
-    report_images: int = 16
-
-
-class Context:
-    """Everything loaded once: base model, autoencoders, text, cached latents of both sets."""
-
-    def __init__(
-        self,
-        inputs: Inputs,
-        cache_dir: str | Path,
-        progress: bool = True,
-        device: str | torch.device = "cpu",
-        dtype: str = "float32",
-    ):
-        """``device`` holds the models (the cached latents stay on the CPU, batches move);
-        ``dtype`` is the frozen transformer weights' dtype (see :class:`ChainOptions`)."""
-        self.inputs = inputs
-        self.device, self.dtype = torch.device(device), dtype
-        base_dir = Path(inputs.base)
-        self.base, vae_dir, pipe_cls = load_base(base_dir)
-        self.base.to(device=self.device, dtype=getattr(torch, dtype))
-        self.family = fam.family_of(self.base)
-        if inputs.base_ae is not None:
-            vae_dir = Path(inputs.base_ae)
-        if vae_dir is None:
-            raise ValueError(
-                f"base_ae: {base_dir} is a bare transformer; pass the base autoencoder directory "
-                "(--base-ae DIR)"
-            )
-        self.base_ae = load_autoencoder(vae_dir, "base_ae").to(self.device)
-        self.target_ae = load_autoencoder(inputs.target_ae, "target_ae").to(self.device)
-        for p in (
-            *self.base.parameters(),
-            *self.base_ae.parameters(),
-            *self.target_ae.parameters(),
-        ):
-            p.requires_grad_(False)
-        self.new_channels = int(self.target_ae.config.latent_channels)
-        self.base_p = fam.latent_patch_size(self.base, int(self.base_ae.config.latent_channels))
-        self.text_encoder = text_encoder_for(base_dir, pipe_cls, self.base, inputs.text_length)
-        items = D.scan_folder(inputs.data, inputs.caption)
-        if inputs.heldout is not None:
-            train_items, held_items = items, D.scan_folder(inputs.heldout, inputs.caption)
-        else:
-            holdout = inputs.holdout or max(1, len(items) // 10)
-            train_items, held_items = D.split_holdout(items, holdout)
-        fps = {"base": D.dir_fingerprint(vae_dir), "new": D.dir_fingerprint(inputs.target_ae)}
-        encoders = {"base": self.base_ae, "new": self.target_ae}
-        record = asdict(inputs)
-        record.pop("report_images")  # reporting only: may change between invocations
-        for key in ("base", "target_ae", "data", "base_ae", "heldout"):
-            if record[key] is not None:
-                record[key] = str(Path(record[key]).resolve())
-        self.record = {
-            "inputs": record,
-            "family": self.family,
-            "autoencoders": fps,
-            "text": self.text_encoder.fingerprint,
-            "train_images": [it.path.name for it in train_items],
-            "heldout_images": [it.path.name for it in held_items],
-        }
-        captions = sorted({it.caption for it in train_items + held_items})
-        texts, empty = D.cached_text(cache_dir, self.text_encoder, captions)
-        sets = []
-        for group in (train_items, held_items):
-            lat = D.cached_latents(
-                cache_dir, group, inputs.resolution, encoders, fps, progress=progress
-            )
-            idx = torch.tensor([captions.index(it.caption) for it in group])
-            sets.append(D.LatentSet(lat["base"], lat["new"], idx, texts, empty, lat["names"]))
-        self.train, self.held = sets
-        self.new_downsample = D.ae_downsample(self.target_ae)
 
 
 @dataclass
@@ -211,6 +72,13 @@ class ChainOptions:
     # trainable parameters (TrainConfig.autocast). The device is the Context's. (float16 would
     # need loss scaling, which the loop does not do.)
     dtype: str = "float32"
+    # activation checkpointing of every transformer block (stages 2 and 3)
+    grad_checkpoint: bool = False
+    # micro-batches per process and step (the global batch stays batch_size)
+    grad_accum: int = 1
+    # GiB per device that the memory plan must fit in; None: the CUDA device's own memory, no
+    # limit on a CPU
+    memory_limit_gib: float | None = None
 
     def __post_init__(self):
         if self.stage not in (*STAGES, "all"):
@@ -228,6 +96,7 @@ class ChainOptions:
             ckpt_every=self.ckpt_every,
             seed=self.seed,
             autocast=None if self.dtype == "float32" else self.dtype,
+            grad_accum=self.grad_accum,
         )
 
 
@@ -253,6 +122,8 @@ def _save_params(path: Path, params: dict) -> None:
 
 
 def _apply_params(model, path: Path) -> None:
+    """Load a finished stage's trained parameters into ``model``, in their trained dtype
+    (float32: trainable parameters are float32 next to 16-bit frozen ones)."""
     from safetensors.torch import load_file
 
     saved = load_file(str(path))
@@ -262,7 +133,11 @@ def _apply_params(model, path: Path) -> None:
         raise ValueError(f"{path}: parameters {missing[:3]} do not exist in the model")
     with torch.no_grad():
         for k, v in saved.items():
-            own[k].copy_(v)
+            if own[k].shape != v.shape:
+                raise ValueError(
+                    f"{path}: {k} has shape {tuple(v.shape)}; the model's is {tuple(own[k].shape)}"
+                )
+            own[k].data = v.to(own[k].device)
 
 
 def _write_state(out: Path, state: dict) -> None:
@@ -273,15 +148,17 @@ def stage_sequence(state: dict) -> list[str]:
     return [s for s in STAGES if state["stages"].get(s, {}).get("done")]
 
 
-def states(ctx: Context, out: str | Path, state: dict | None = None):
+def states(ctx: Context, out: str | Path, state: dict | None = None, device=None):
     """Yield (label, model) for the surgery model and after each finished stage, in order.
 
-    One model is rebuilt and advanced in place (evaluate each before taking the next); the
-    LoRA state is yielded merged.
+    One model is rebuilt (from ``ctx.base``, moved to ``device`` when given) and advanced in
+    place (evaluate each before taking the next); the LoRA state is yielded merged.
     """
     out = Path(out)
     state = state or json.loads((out / STATE_FILE).read_text())
     model = _surgery(ctx, state["surgery"])
+    if device is not None:
+        model.to(device)
     yield "surgery", model
     for stage in stage_sequence(state):
         if stage == "lora":
@@ -293,13 +170,102 @@ def states(ctx: Context, out: str | Path, state: dict | None = None):
         yield stage, model
 
 
+def trainable_names(model, stage: str) -> list[str]:
+    """The parameters stage ``stage`` trains (embedder; embedder + head; + LoRA)."""
+    names = [n for n, _ in model.named_parameters()]
+    emb = fam.embedder_name(model) + "."
+    if stage == "align":
+        return [n for n in names if n.startswith(emb)]
+    keep = [n for n in names if n.startswith((emb, "proj_out."))]
+    if stage == "lora":
+        keep += [n for n in names if ".lora_" in n]
+    return keep
+
+
+def stage_model(ctx: Context, out: Path, state: dict, stage: str, opts: ChainOptions):
+    """The model stage ``stage`` starts from, on the CPU: the surgery model, the parameters of
+    every earlier finished stage, LoRA adapters for stage 3; trainable parameters float32 with
+    requires_grad, everything else frozen. Returns (model, trainable names)."""
+    model = _surgery(ctx, state["surgery"])
+    for done in stage_sequence(state):
+        if STAGES.index(done) < STAGES.index(stage):
+            _apply_params(model, out / done / "params.safetensors")
+    if stage == "lora":
+        lora = state.get("lora")
+        if lora is not None:
+            add_lora(model, lora["rank"], lora["alpha"], targets=lora["targets"])
+        else:
+            targets = add_lora(model, opts.rank, opts.alpha, seed=opts.seed)
+            state["lora"] = {"rank": opts.rank, "alpha": opts.alpha, "targets": targets}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = trainable_names(model, stage)
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].data = params[n].data.float()
+        params[n].requires_grad_(True)
+    return model, names
+
+
+def _train_stage(ctx: Context, out: Path, state: dict, stage: str, opts: ChainOptions):
+    """Train one stage on ``ctx.device`` (sharded over the processes); returns (result, the
+    trained parameters as full CPU tensors, gathered on every rank)."""
+    dist = ctx.dist
+    model, names = stage_model(ctx, out, state, stage, opts)
+    cfg = opts.config(stage)
+    kw = {
+        "ckpt_path": out / stage / "ckpt",
+        "resume": opts.resume,
+        "progress": opts.progress,
+        "dist": dist,
+    }
+    teacher = None
+    try:
+        if stage == "align":
+            # only the two embedders compute: the rest of both models stays on the CPU
+            teacher = fam.embedder(ctx.base).to(ctx.device)
+            fam.embedder(model).to(ctx.device)
+            result = align(model, ctx.base, ctx.train, cfg, reconcile_mode=opts.reconcile, **kw)
+        else:
+            if opts.grad_checkpoint:
+                model.enable_gradient_checkpointing()
+            blocks = [b for _, b in fam.blocks(model)]
+            model = dist.prepare(model, blocks, getattr(torch, opts.dtype))
+            if stage == "head":
+                result = align_head(model, ctx.train, cfg, **kw)
+            else:
+                objective = FlowObjective(
+                    guidance="distilled" if fam.has_guidance(model) else "fixed", text_drop=0.1
+                )
+                result = finetune_lora(model, ctx.train, cfg, objective=objective, **kw)
+        params = dict(model.named_parameters())
+        trained = {n: dist.full(params[n]) for n in names}
+    finally:
+        if teacher is not None:
+            teacher.to("cpu")
+        del model
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result, trained
+
+
 def run_chain(ctx: Context, out: str | Path, opts: ChainOptions) -> dict:
-    """Run the requested stages in ``out``; returns the run state (also in ``out/adapt.json``)."""
+    """Run the requested stages in ``out``; returns the run state (also in ``out/adapt.json``).
+
+    With N processes every rank calls this; rank 0 writes every file except the checkpoints'
+    shards.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    dist = ctx.dist
     surgery_record = {"patch_size": opts.patch_size, "seed": opts.seed, "reconcile": opts.reconcile}
     state_path = out / STATE_FILE
-    if state_path.exists():
+    if dist.all_ok(not state_path.exists()):
+        state = {"version": 1, "run": ctx.record, "surgery": surgery_record, "stages": {}}
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_state(out, state)
+    else:
         if not opts.resume:
             raise ValueError(
                 f"out: {out} already holds a run ({STATE_FILE}); pass --resume to continue it "
@@ -314,9 +280,6 @@ def run_chain(ctx: Context, out: str | Path, opts: ChainOptions) -> dict:
                 f"out: {out} was run with surgery/alignment options {state['surgery']}; "
                 f"now {surgery_record}"
             )
-    else:
-        state = {"version": 1, "run": ctx.record, "surgery": surgery_record, "stages": {}}
-        _write_state(out, state)
     done = stage_sequence(state)
     requested = list(STAGES) if opts.stage == "all" else [opts.stage]
     todo = [s for s in requested if s not in done]
@@ -327,67 +290,58 @@ def run_chain(ctx: Context, out: str | Path, opts: ChainOptions) -> dict:
                 f"stage: {s} would run after {later[0]}, which {out} already finished; use a new "
                 "--out"
             )
-    model = _surgery(ctx, surgery_record)
-    for stage in sorted(done + todo, key=STAGES.index):
-        ckpt = out / stage / "ckpt.pt"
-        params_path = out / stage / "params.safetensors"
-        if stage == "lora":
-            if stage in done:
-                lora = state["lora"]
-                add_lora(model, lora["rank"], lora["alpha"], targets=lora["targets"])
-            else:
-                targets = add_lora(model, opts.rank, opts.alpha, seed=opts.seed)
-                state["lora"] = {"rank": opts.rank, "alpha": opts.alpha, "targets": targets}
-        if stage in done:
-            _apply_params(model, params_path)
-            continue
+    # every stage's memory plan is checked before any of them trains (on a GPU, or wherever a
+    # limit is given: on a CPU without one it would only cost time)
+    limit = MP.device_limit(ctx.device, opts.memory_limit_gib)
+    plans = {s: MP.stage_plan(ctx, s, opts) for s in todo} if limit is not None else {}
+    for plan in plans.values():
+        if dist.main:
+            MP.print_plan(plan)
+        MP.check(plan, limit)
+    for stage in todo:
+        t0 = time.perf_counter()
+        result, trained = _train_stage(ctx, out, state, stage, opts)
         cfg = opts.config(stage)
-        kw = {"ckpt_path": ckpt, "resume": opts.resume, "progress": opts.progress}
-        if stage == "align":
-            result = align(model, ctx.base, ctx.train, cfg, reconcile_mode=opts.reconcile, **kw)
-            trained = {
-                n: p
-                for n, p in model.named_parameters()
-                if n.startswith(fam.embedder_name(model) + ".")
-            }
-        elif stage == "head":
-            result = align_head(model, ctx.train, cfg, **kw)
-            trained = _embed_head(model)
-        else:
-            objective = FlowObjective(
-                guidance="distilled" if fam.has_guidance(model) else "fixed", text_drop=0.1
-            )
-            result = finetune_lora(model, ctx.train, cfg, objective=objective, **kw)
-            trained = {n: p for n, p in model.named_parameters() if ".lora_" in n}
-            trained.update(_embed_head(model))
-        _save_params(params_path, trained)
         state["stages"][stage] = {
             "done": True,
             "config": asdict(cfg),
+            "processes": dist.world,
+            "micro_batch": cfg.batch_size // dist.world // cfg.grad_accum,
+            # wall time of this invocation's training of the stage (model build to gathered
+            # parameters; bench/adapt_scaling.py compares it between process counts)
+            "seconds": round(time.perf_counter() - t0, 3),
+            "memory_plan": plans[stage].summary() if stage in plans else None,
             "resumed_from": result.resumed_from,
             "first_loss": result.losses[0] if result.losses else None,
             "final_loss": result.losses[-1] if result.losses else None,
         }
-        _write_state(out, state)
-        ckpt.unlink(missing_ok=True)
+        if dist.main:
+            _save_params(out / stage / "params.safetensors", trained)
+            _write_state(out, state)
+            shutil.rmtree(out / stage / "ckpt", ignore_errors=True)
+        dist.barrier()
         done.append(stage)
     sequence = stage_sequence(state)
     if state.get("model", {}).get("stages") != sequence or not (out / "model").is_dir():
-        merge(model)
-        meta = {
-            "family": ctx.family,
-            "latent_channels": ctx.new_channels,
-            "latent_patch_size": opts.patch_size,
-            "packing": "outside the model, (C, py, px) per token"
-            if ctx.family == "flux"
-            else "model patch_embed",
-            "autoencoder": str(Path(ctx.inputs.target_ae).resolve()),
-            "stages": sequence,
-            "reconcile": opts.reconcile,
-        }
-        save_adapted(model, out / "model", meta)
+        if dist.main:  # written once, by rank 0, from the finished stages' parameters
+            *_, (_, model) = states(ctx, out, state, device=ctx.device)
+            meta = {
+                "family": ctx.family,
+                "latent_channels": ctx.new_channels,
+                "latent_patch_size": opts.patch_size,
+                "packing": "outside the model, (C, py, px) per token"
+                if ctx.family == "flux"
+                else "model patch_embed",
+                "autoencoder": str(Path(ctx.inputs.target_ae).resolve()),
+                "stages": sequence,
+                "reconcile": opts.reconcile,
+            }
+            save_adapted(model, out / "model", meta)
+            del model
+            state["model"] = {"stages": sequence}
+            _write_state(out, state)
+        dist.barrier()
         state["model"] = {"stages": sequence}
-        _write_state(out, state)
     return state
 
 
@@ -453,8 +407,13 @@ def evaluate(
         if ctx.dtype != "float32"
         else contextlib.nullcontext()
     )
-    with amp:
-        return _evaluate(ctx, runs, reconcile_mode, sigma, text, ctx.held.empty.to(dev), latents)
+    ctx.base.to(dev)  # the base lives on the CPU while stages train; the report runs it here
+    try:
+        with amp:
+            empty = ctx.held.empty.to(dev)
+            return _evaluate(ctx, runs, reconcile_mode, sigma, text, empty, latents)
+    finally:
+        ctx.base.to("cpu")
 
 
 def _evaluate(ctx, runs, reconcile_mode, sigma, text, empty, latents):

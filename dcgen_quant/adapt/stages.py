@@ -172,6 +172,7 @@ def align(
     ckpt_path=None,
     resume: bool = False,
     progress: bool = True,
+    dist=None,
 ) -> TrainResult:
     """Stage 1, embedding alignment: train only the new embedder of ``adapted``.
 
@@ -182,7 +183,7 @@ def align(
     data : latent pairs (``data.base`` for the teacher, ``data.new`` for the student)
     config : default ``TrainConfig(steps=20000, lr=1e-4, betas=(0.9, 0.95), batch_size=64)``
     reconcile_mode : ``"pool"`` or ``"bilinear"`` (see :func:`reconcile`)
-    ckpt_path, resume, progress : see :func:`dcgen_quant.adapt.train.train`
+    ckpt_path, resume, progress, dist : see :func:`dcgen_quant.adapt.train.train`
     """
     config = config or TrainConfig(steps=20000, batch_size=64)
     if reconcile_mode not in RECONCILE:
@@ -193,8 +194,8 @@ def align(
     emb_b, emb_n = fam.embedder(base), fam.embedder(adapted)
     dev = next(emb_n.parameters()).device
 
-    def loss_fn(step, gen):
-        idx = torch.randint(len(data), (config.batch_size,), generator=gen)
+    def loss_fn(step, gen, rows):
+        idx = torch.randint(len(data), (config.batch_size,), generator=gen)[rows]
         zb, zn = data.base[idx].to(dev), data.new[idx].to(dev)
         with torch.no_grad():
             teacher = fam.embed_tokens(base, emb_b, zb, pb)
@@ -210,24 +211,36 @@ def align(
         ckpt_path=ckpt_path,
         resume=resume,
         progress=progress,
+        split_batch=True,
+        dist=dist,
     )
     _freeze(adapted)
     return result
 
 
-def _flow_stage(name, model, data, config, objective, params, ckpt_path, resume, progress):
+def _flow_stage(name, model, data, config, objective, params, ckpt_path, resume, progress, dist):
     p = fam.latent_patch_size(model, data.new.shape[1])
     dev = next(model.parameters()).device
     empty = data.empty.to(dev)
+    batch = config.batch_size
 
-    def loss_fn(step, gen):
-        idx = torch.randint(len(data), (config.batch_size,), generator=gen)
-        return flow_loss(
-            model, data.new[idx].to(dev), data.text(idx).to(dev), empty, gen, objective, p
-        )
+    def loss_fn(step, gen, rows):
+        # the whole batch's indices (and, inside flow_loss, noise) are drawn; rows are kept, so
+        # each process reads only its samples from the cache
+        idx = torch.randint(len(data), (batch,), generator=gen)[rows]
+        z, text = data.new[idx].to(dev), data.text(idx).to(dev)
+        return flow_loss(model, z, text, empty, gen, objective, p, rows=rows, batch_size=batch)
 
     result = train(
-        name, params, loss_fn, config, ckpt_path=ckpt_path, resume=resume, progress=progress
+        name,
+        params,
+        loss_fn,
+        config,
+        ckpt_path=ckpt_path,
+        resume=resume,
+        progress=progress,
+        split_batch=True,
+        dist=dist,
     )
     _freeze(model)
     return result
@@ -242,6 +255,7 @@ def align_head(
     ckpt_path=None,
     resume: bool = False,
     progress: bool = True,
+    dist=None,
 ) -> TrainResult:
     """Stage 2, output-head alignment: backbone frozen, embedder + head on the flow loss.
 
@@ -258,7 +272,7 @@ def align_head(
     _freeze(adapted)
     params = _named(adapted, [fam.embedder(adapted), fam.head(adapted)])
     return _flow_stage(
-        "head", adapted, data, config, objective, params, ckpt_path, resume, progress
+        "head", adapted, data, config, objective, params, ckpt_path, resume, progress, dist
     )
 
 
@@ -298,6 +312,7 @@ def finetune_lora(
     ckpt_path=None,
     resume: bool = False,
     progress: bool = True,
+    dist=None,
 ) -> TrainResult:
     """Stage 3: LoRA on the blocks + embedder + head, flow-matching loss; LoRA left unmerged.
 
@@ -323,7 +338,7 @@ def finetune_lora(
         **_named(adapted, [fam.embedder(adapted), fam.head(adapted)]),
     }
     return _flow_stage(
-        "lora", adapted, data, config, objective, params, ckpt_path, resume, progress
+        "lora", adapted, data, config, objective, params, ckpt_path, resume, progress, dist
     )
 
 

@@ -74,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="INT4: quantize the inputs of GELU-output layers (FLUX ff.net.2) with signed codes "
         "like every other layer (default: unsigned codes of x + 0.171875, about half the error)",
     )  # fmt: skip
+    parser.add_argument(
+        "--nunchaku-compatible", action="store_true",
+        help="write a checkpoint that `convert --to nunchaku` exports exactly (AdaLayerNorm "
+        "layers in INT4 group 64 with codes -7..7, also for --format nvfp4)",
+    )  # fmt: skip
     parser.add_argument("--svd", choices=("randomized", "full"), default="randomized")
     parser.add_argument("--device", default="cpu", help="device to quantize on (cpu, cuda)")
     parser.add_argument(
@@ -162,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
     config = QuantConfig(
         format=args.format, rank=args.rank, smooth=not args.no_smooth, gptq=args.gptq,
         svd=args.svd, dtype=dtype, seed=args.seed, skip_incompatible=args.skip_incompatible,
-        unsigned_gelu=not args.signed_gelu, lowrank=args.lowrank, holdout=args.holdout,
-        rank_alloc=args.rank_alloc,
+        unsigned_gelu=not args.signed_gelu, nunchaku_compatible=args.nunchaku_compatible,
+        lowrank=args.lowrank, holdout=args.holdout, rank_alloc=args.rank_alloc,
     )  # fmt: skip
     if args.prompts is not None and not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file not found: {args.prompts}")

@@ -89,6 +89,11 @@ class QuantConfig:
     skip_incompatible: bool = False
     """Keep target layers whose in_features is not a multiple of the group size in 16 bits
     (listed as skipped in the report) instead of raising ValueError."""
+    nunchaku_compatible: bool = False
+    """Produce checkpoints that ``convert --to nunchaku`` exports without changing a value:
+    AdaLayerNorm (W4A16) layers in INT4 group 64 (Nunchaku runs them as AWQ INT4, also in NVFP4
+    models) with codes in -7..7 (its zero point 7 cannot hold -8). Requires ``unsigned_gelu``
+    and ``weight_only_adanorm``: Nunchaku's INT4 GELU inputs are unsigned, its adaLN W4A16."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -118,6 +123,16 @@ class QuantConfig:
         if self.gptq_shrink is not None and not 0 <= self.gptq_shrink <= 1:
             raise ValueError(f"gptq_shrink must be None or in [0, 1], got {self.gptq_shrink}")
         self.skip = tuple(self.skip)
+        if self.nunchaku_compatible and not (self.unsigned_gelu and self.weight_only_adanorm):
+            raise ValueError(
+                "nunchaku_compatible needs unsigned_gelu=True and weight_only_adanorm=True "
+                "(CLI: drop --signed-gelu)"
+            )
+
+    @property
+    def weight_only_format(self) -> str:
+        """Format of the W4A16 (AdaLayerNorm) layers: INT4 with ``nunchaku_compatible``."""
+        return "int4" if self.nunchaku_compatible else self.format
 
     @property
     def group_size(self) -> int:

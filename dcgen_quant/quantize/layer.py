@@ -29,6 +29,7 @@ from ..formats import (
     get_format,
     quantize_weight,
 )
+from ..formats.int4 import pack_int4, unpack_int4
 from ..formats.nvfp4 import nvfp4_tensor_scale
 from ..nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
 from .config import QuantConfig
@@ -460,9 +461,12 @@ def quantize_weight_only(
 
     ``x`` [T, K] float32 serves the error report and, with ``config.gptq``, the Hessian (of the
     fitting tokens; GPTQ is kept where it lowers the error on the held-out ones, holdout.py).
+    The format is ``config.weight_only_format`` (INT4 with ``nunchaku_compatible``, whose codes
+    are then kept in -7..7: round to nearest gives that by itself, GPTQ codes -8 become -7).
     """
     start = time.perf_counter()
-    if reason := check_group_size(spec, config.format):
+    fmt = config.weight_only_format
+    if reason := check_group_size(spec, fmt):
         raise ValueError(f"layer {spec.name}: {reason}")
     check_finite(spec.weight, f"layer {spec.name}: weight")
     x = x.detach().float()
@@ -470,8 +474,10 @@ def quantize_weight_only(
     bias = spec.bias is not None
 
     def build(qw):
+        if config.nunchaku_compatible:
+            qw = _without_code_minus_8(qw)
         module = make_module(
-            "w4a16", spec.conv, spec.in_features, spec.out_features, 0, bias, config.format,
+            "w4a16", spec.conv, spec.in_features, spec.out_features, 0, bias, fmt,
             config.dtype, spec.weight.device,
         )  # fmt: skip
         _fill_weight(module, qw, spec.bias)
@@ -479,14 +485,12 @@ def quantize_weight_only(
 
     x_fit, x_heldout = split_heldout(x, config.holdout)
     x_judge = x_fit if x_heldout is None else x_heldout
-    rtn = build(quantize_weight(spec.weight, config.format, config.dtype))
+    rtn = build(quantize_weight(spec.weight, fmt, config.dtype))
     module, used_gptq = rtn, False
     if config.gptq and (x_heldout is not None or config.holdout == 0):  # as _quantize_residuals
         h, _ = fitted_hessian(x_fit.to(config.dtype).float(), config.gptq_shrink)
         cand = build(
-            gptq_quantize(
-                spec.weight, h, config.format, config.dtype, config.gptq_damp, config.gptq_block
-            )
+            gptq_quantize(spec.weight, h, fmt, config.dtype, config.gptq_damp, config.gptq_block)
         )
         if relative_error(cand, spec, x_judge) < relative_error(rtn, spec, x_judge):
             module, used_gptq = cand, True
@@ -499,6 +503,14 @@ def quantize_weight_only(
         seconds=time.perf_counter() - start,
     )  # fmt: skip
     return module, report
+
+
+def _without_code_minus_8(qw: QuantizedWeight) -> QuantizedWeight:
+    """INT4 codes -8 -> -7 (Nunchaku's AWQ layers add a zero point of 7: codes -7..8)."""
+    codes = unpack_int4(qw.qweight)
+    if bool((codes == -8).any()):
+        return QuantizedWeight(pack_int4(codes.clamp(min=-7)), qw.wscales, qw.wtscale, qw.fmt)
+    return qw
 
 
 # --------------------------------------------------------------------------------------------

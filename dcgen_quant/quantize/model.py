@@ -62,9 +62,10 @@ def _module_from_entry(entry: LayerReport, config: QuantConfig) -> nn.Module:
             entry.in_features, entry.out_features, entry.split_at, entry.rank, entry.bias,
             config.format, config.dtype,
         )  # fmt: skip
+    fmt = config.weight_only_format if entry.kind == "w4a16" else config.format
     return make_module(
         entry.kind, entry.module.endswith("Conv1x1"), entry.in_features, entry.out_features,
-        entry.rank, entry.bias, config.format, config.dtype, act_unsigned=entry.act_unsigned,
+        entry.rank, entry.bias, fmt, config.dtype, act_unsigned=entry.act_unsigned,
     )  # fmt: skip
 
 
