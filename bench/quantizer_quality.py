@@ -38,6 +38,7 @@ import argparse
 import copy
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -151,23 +152,25 @@ def _timed_runs(run_once, variants, repeats: int) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def layers_part(sizes, formats, repeats: int, progress: bool) -> list[dict[str, Any]]:
+def layers_part(
+    sizes, formats, repeats: int, on_entry, variants=LAYER_VARIANTS, kinds=("iid", "correlated")
+) -> list[dict[str, Any]]:
+    """Every (size, inputs, format) entry; ``on_entry(entry)`` is called as each finishes."""
     # warm-up: first-call costs (op registration, library init) are no variant's
     lin, calib, fresh = outlier_layer(64, 64, "iid", 128, 16)
     for fmt in formats:
-        for v in LAYER_VARIANTS:
+        for v in variants:
             measure_layer(lin, calib, fresh, v, fmt)
     out = []
     for k, n in sizes:
-        for kind in ("iid", "correlated"):
+        for kind in kinds:
             lin, calib, fresh = outlier_layer(k, n, kind)
             for fmt in formats:
                 run = functools.partial(measure_layer, lin, calib, fresh, fmt=fmt)
-                rows = _timed_runs(lambda v, run=run: run(variant=v), LAYER_VARIANTS, repeats)
+                rows = _timed_runs(lambda v, run=run: run(variant=v), variants, repeats)
                 entry = {"layer": f"{k}->{n}", "inputs": kind, "format": fmt, "rows": rows}
                 out.append(entry)
-                if progress:
-                    print(_layer_block(entry), flush=True)
+                on_entry(entry)
     return out
 
 
@@ -240,16 +243,18 @@ def measure_model(variant: str, fmt: str, quick: bool) -> dict[str, Any]:
     }
 
 
-def model_part(formats, repeats: int, quick: bool, progress: bool) -> list[dict[str, Any]]:
+def model_part(
+    formats, repeats: int, quick: bool, on_entry, variants=MODEL_VARIANTS
+) -> list[dict[str, Any]]:
     out = []
-    variants = ("baseline", "default") if quick else MODEL_VARIANTS
+    if quick:
+        variants = ("baseline", "default")
     for fmt in formats:
         run = functools.partial(measure_model, fmt=fmt, quick=quick)
         rows = _timed_runs(lambda v, run=run: run(variant=v), variants, repeats)
         entry = {"model": "tiny-flux", "format": fmt, "rows": rows}
         out.append(entry)
-        if progress:
-            print(_model_block(entry), flush=True)
+        on_entry(entry)
     return out
 
 
@@ -306,7 +311,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# SVDQuant quantizer quality: held-out error per variant",
         "",
-        "`python -m dcgen_quant.bench.quantizer_quality` (bench/quantizer_quality.py describes "
+        f"`{result.get('command', 'python -m dcgen_quant.bench.quantizer_quality')}` "
+        "(bench/quantizer_quality.py describes "
         "the layers, inputs and variants). *fresh err*: relative output error "
         "||y_q - y|| / ||y|| on tokens no variant saw (synthetic: 2048 fresh tokens; tiny FLUX: "
         "4 fresh samples through the quantized model, mean over layers); *held-out err*: the "
@@ -333,6 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes", default=",".join(f"{k}x{n}" for k, n in SIZES),
         help="synthetic layers as KxN, comma-separated (default: the two FLUX sizes)",
     )  # fmt: skip
+    parser.add_argument(
+        "--variants", default=",".join(MODEL_VARIANTS),
+        help="comma-separated variants (baseline is always run: the ratios are against it); "
+        "rank-alloc is run on the tiny FLUX only",
+    )  # fmt: skip
+    parser.add_argument(
+        "--inputs", default="iid,correlated", help="synthetic inputs: iid, correlated or both"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of baseline and default")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -342,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--formats: unknown format(s) {', '.join(bad)} (int4, nvfp4)")
     if bad := sorted(parts - {"layers", "model"}):
         parser.error(f"--parts: unknown part(s) {', '.join(bad)} (layers, model)")
+    variants = {"baseline"} | {v for v in args.variants.split(",") if v}
+    if bad := sorted(variants - set(VARIANTS)):
+        parser.error(f"--variants: unknown variant(s) {', '.join(bad)} ({', '.join(VARIANTS)})")
+    kinds = [k for k in args.inputs.split(",") if k]
+    if not kinds or (bad := sorted(set(kinds) - {"iid", "correlated"})):
+        parser.error(f"--inputs: expected iid and/or correlated, got {args.inputs!r}")
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1")
     torch.set_num_threads(args.threads)
@@ -354,20 +374,40 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes: expected KxN[,KxN...], got {args.sizes!r}")
     if args.quick:
         sizes = QUICK_SIZES
-    result = {
-        "benchmark": NAME,
-        "repeats": args.repeats,
-        "layers": layers_part(sizes, formats, args.repeats, True) if "layers" in parts else [],
-        "model": model_part(formats, args.repeats, args.quick, True) if "model" in parts else [],
-        "environment": environment(torch.device("cpu")),
-    }
     from dcgen_quant.atomic import atomic_write_text
 
+    command = " ".join(["python -m dcgen_quant.bench.quantizer_quality", *(argv or sys.argv[1:])])
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "command": command,
+        "repeats": args.repeats,
+        "layers": [],
+        "model": [],
+        "environment": environment(torch.device("cpu")),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / f"{NAME}.json", json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    atomic_write_text(args.out / f"{NAME}.md", table)
-    print(table)
+
+    def write() -> None:
+        atomic_write_text(args.out / f"{NAME}.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.out / f"{NAME}.md", markdown(result))
+
+    def on_entry(entry: dict[str, Any]) -> None:
+        # the tables so far are written after every entry: a run cut short keeps what it measured
+        is_model = "model" in entry
+        result["model" if is_model else "layers"].append(entry)
+        write()
+        print((_model_block if is_model else _layer_block)(entry), flush=True)
+
+    if "layers" in parts:
+        chosen = tuple(v for v in LAYER_VARIANTS if v in variants)
+        layers_part(sizes, formats, args.repeats, on_entry, chosen, kinds)
+    if "model" in parts:
+        chosen = tuple(v for v in MODEL_VARIANTS if v in variants)
+        model_part(formats, args.repeats, args.quick, on_entry, chosen)
+    if hasattr(os, "getloadavg"):  # the machine's load at the end too (timings are wall time)
+        result["environment"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+    write()
+    print(markdown(result))
     return 0
 
 
