@@ -241,7 +241,12 @@ def relative_error(module: nn.Module, spec: LinearSpec, x: torch.Tensor) -> floa
 
 def _quantize_residuals(problem, judge, result: SearchResult, splits, config, use_gptq: bool):
     """Per-member QuantizedWeight of the residual: GPTQ (Hessian of the fitting tokens) where it
-    lowers ``judge``'s output error, round-to-nearest otherwise; and whether GPTQ was kept.
+    lowers that member's output error on ``judge``'s tokens, round-to-nearest otherwise; and per
+    member whether GPTQ was kept.
+
+    A member's output error depends only on its own rows of the residual (the activations and
+    the branch are shared), so each member of a fused group (q/k/v) is decided on its own: GPTQ
+    never raises a member's held-out error to lower the group's sum.
 
     NVFP4 members of a group share one tensor scale (that of the whole residual), so that the
     group can run as one concatenated GEMM (:mod:`dcgen_quant.fusion`).
@@ -254,7 +259,7 @@ def _quantize_residuals(problem, judge, result: SearchResult, splits, config, us
     # GPTQ is kept only where tokens it was not fitted on confirm it (with holdout=0, the user
     # asked for in-sample judging); with too few tokens to hold any out, it is not tried
     if not use_gptq or (judge is problem and config.holdout > 0):
-        return rtn, False
+        return rtn, [False] * len(parts)
     h, _ = fitted_hessian(problem.x / result.smooth, config.gptq_shrink)
     gptq = [
         gptq_quantize(
@@ -268,10 +273,12 @@ def _quantize_residuals(problem, judge, result: SearchResult, splits, config, us
         return judge.objective(result.smooth, result.proj_down, result.proj_up, rq)
 
     # GPTQ minimizes the error against unquantized activations on the fitting tokens; with
-    # 4-bit activations, or fewer tokens than inputs, it can lose to round-to-nearest
-    if objective(gptq) < objective(rtn):
-        return gptq, True
-    return rtn, False
+    # 4-bit activations, or fewer tokens than inputs, it can lose to round-to-nearest. The
+    # objective is a sum of per-member terms, so swapping one member's codes changes only its
+    # term: member i keeps GPTQ where swapping it in lowers the objective.
+    base = objective(rtn)
+    kept = [objective(rtn[:i] + [g] + rtn[i + 1 :]) < base for i, g in enumerate(gptq)]
+    return [g if k else r for g, r, k in zip(gptq, rtn, kept)], kept
 
 
 def _w4a4_modules(problem, judge, result, specs, splits, config, use_gptq):
@@ -376,13 +383,15 @@ def quantize_group(
     seconds = (time.perf_counter() - start) / len(specs)
     group = [s.name for s in specs] if len(specs) > 1 else None
     out = []
-    for spec, module, e_naive, e_smooth in zip(specs, modules, naive, smooth_only):
+    for spec, module, e_naive, e_smooth, kept_gptq in zip(
+        specs, modules, naive, smooth_only, used_gptq
+    ):
         report = LayerReport(
             name=spec.name, kind="w4a4", module=type(module).__name__,
             out_features=spec.out_features, in_features=k, bias=module.bias is not None,
             rank=rank, group=group, act_unsigned=act_unsigned, alpha=result.alpha, beta=result.beta,
             lowrank_iters=result.svd_count, lowrank=result.lowrank if rank else None,
-            gptq=used_gptq, err_rtn=e_naive, err_smooth=e_smooth,
+            gptq=kept_gptq, err_rtn=e_naive, err_smooth=e_smooth,
             err_svdq=relative_error(module, spec, x_fit),
             err_heldout=_heldout_error(module, spec, x_heldout), calib_tokens=x.shape[0],
             heldout_tokens=0 if x_heldout is None else x_heldout.shape[0], seconds=seconds,
