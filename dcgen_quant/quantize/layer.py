@@ -240,13 +240,8 @@ def relative_error(module: nn.Module, spec: LinearSpec, x: torch.Tensor) -> floa
 
 
 def _quantize_residuals(problem, judge, result: SearchResult, splits, config, use_gptq: bool):
-    """Per-member QuantizedWeight of the residual: GPTQ (Hessian of the fitting tokens) where it
-    lowers that member's output error on ``judge``'s tokens, round-to-nearest otherwise; and per
-    member whether GPTQ was kept.
-
-    A member's output error depends only on its own rows of the residual (the activations and
-    the branch are shared), so each member of a fused group (q/k/v) is decided on its own: GPTQ
-    never raises a member's held-out error to lower the group's sum.
+    """Per-member QuantizedWeight of the residual by round-to-nearest, and by GPTQ (Hessian of
+    the fitting tokens) when it is to be tried (else None).
 
     NVFP4 members of a group share one tensor scale (that of the whole residual), so that the
     group can run as one concatenated GEMM (:mod:`dcgen_quant.fusion`).
@@ -259,7 +254,7 @@ def _quantize_residuals(problem, judge, result: SearchResult, splits, config, us
     # GPTQ is kept only where tokens it was not fitted on confirm it (with holdout=0, the user
     # asked for in-sample judging); with too few tokens to hold any out, it is not tried
     if not use_gptq or (judge is problem and config.holdout > 0):
-        return rtn, [False] * len(parts)
+        return rtn, None
     h, _ = fitted_hessian(problem.x / result.smooth, config.gptq_shrink)
     gptq = [
         gptq_quantize(
@@ -267,28 +262,36 @@ def _quantize_residuals(problem, judge, result: SearchResult, splits, config, us
         )
         for p in parts
     ]
-
-    def objective(qws):
-        rq = torch.cat([dequantize_weight(q) for q in qws], dim=0)
-        return judge.objective(result.smooth, result.proj_down, result.proj_up, rq)
-
-    # GPTQ minimizes the error against unquantized activations on the fitting tokens; with
-    # 4-bit activations, or fewer tokens than inputs, it can lose to round-to-nearest. The
-    # objective is a sum of per-member terms, so swapping one member's codes changes only its
-    # term: member i keeps GPTQ where swapping it in lowers the objective.
-    base = objective(rtn)
-    kept = [objective(rtn[:i] + [g] + rtn[i + 1 :]) < base for i, g in enumerate(gptq)]
-    return [g if k else r for g, r, k in zip(gptq, rtn, kept)], kept
+    return rtn, gptq
 
 
-def _w4a4_modules(problem, judge, result, specs, splits, config, use_gptq):
-    qws, used_gptq = _quantize_residuals(problem, judge, result, splits, config, use_gptq)
-    ups = result.proj_up.split(splits, dim=0) if result.proj_up is not None else [None] * len(qws)
-    modules = [
-        _build_w4a4(spec, qw, result.smooth, result.proj_down, up, config, problem.act_unsigned)
-        for spec, qw, up in zip(specs, qws, ups)
-    ]
-    return modules, used_gptq
+def _w4a4_modules(problem, judge, result, specs, splits, config, use_gptq, x_judge=None):
+    """Runtime modules of a group and, per member, whether GPTQ chose its codes.
+
+    GPTQ minimizes the error against unquantized activations on the fitting tokens; with 4-bit
+    activations, or fewer tokens than inputs, it can lose to round-to-nearest. So each member
+    keeps GPTQ's codes only where its runtime module has the lower relative output error on
+    ``x_judge`` (the held-out tokens; default ``judge.x``), the very error the report gives: a
+    member's error depends only on its own rows of the residual, so the members of a fused group
+    (q/k/v) are decided one by one and GPTQ never raises a member's held-out error.
+    """
+    rtn, gptq = _quantize_residuals(problem, judge, result, splits, config, use_gptq)
+    ups = result.proj_up.split(splits, dim=0) if result.proj_up is not None else [None] * len(rtn)
+
+    def build(spec, qw, up):
+        return _build_w4a4(
+            spec, qw, result.smooth, result.proj_down, up, config, problem.act_unsigned
+        )
+
+    modules = [build(spec, qw, up) for spec, qw, up in zip(specs, rtn, ups)]
+    kept = [False] * len(specs)
+    if gptq is not None:
+        x_judge = judge.x if x_judge is None else x_judge
+        for i, (spec, qw, up) in enumerate(zip(specs, gptq, ups)):
+            candidate = build(spec, qw, up)
+            if relative_error(candidate, spec, x_judge) < relative_error(modules[i], spec, x_judge):
+                modules[i], kept[i] = candidate, True
+    return modules, kept
 
 
 def _baseline_errors(problem, judge, specs, x, config, generator, ranking):
@@ -373,7 +376,10 @@ def quantize_group(
         result = refine_output(
             problem, result, whitener, config.lowrank_iters, config.svd, generator, judge
         )
-    modules, used_gptq = _w4a4_modules(problem, judge, result, specs, splits, config, config.gptq)
+    x_judge = x_fit if x_heldout is None else x_heldout
+    modules, used_gptq = _w4a4_modules(
+        problem, judge, result, specs, splits, config, config.gptq, x_judge
+    )
 
     naive = smooth_only = [None] * len(specs)
     if baselines:
