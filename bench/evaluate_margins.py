@@ -6,9 +6,10 @@ For each family, on CPU in about a minute: a tiny model saved as a diffusers pip
 encoders and autoencoder, :mod:`dcgen_quant.models.tiny_pipeline`); calibration inputs captured
 by running that pipeline on two prompts that are not evaluated; an SVDQuant INT4 checkpoint
 (``QuantConfig(format="int4")`` with the quick search settings of the tests) and a plain RTN
-W4A4 checkpoint (``rank=0, smooth=False``) from the same calibration; then ``evaluate`` of both
-against the 16-bit pipeline, one run per seed, two prompts each. Prints per seed the set PSNR of
-both and the margin. The tests (tests/evaluate) use the same builders at seed 0.
+W4A4 checkpoint (``rank=0, smooth=False, gptq=False``) from the same calibration; then
+``evaluate`` of both against the 16-bit pipeline, one run per seed, two prompts each. Prints
+per seed the set PSNR of both and the margin. The tests (tests/evaluate) use the same builders
+at seed 0.
 
 Models: SANA is the embedded tiny SANA. FLUX is the embedded tiny FLUX with its input embedder
 (``x_embedder``, kept in 16 bits) scaled by 1/8: in the embedded one the random blocks add only
@@ -78,7 +79,7 @@ def build(family: str, root: str | Path) -> dict[str, Path]:
     calib = pipeline_calibration(pipe, family)
     out = {"pipeline": root / "pipeline"}
     configs = {"svdquant": QuantConfig(format="int4", **QUICK),
-               "rtn": QuantConfig(format="int4", rank=0, smooth=False)}  # fmt: skip
+               "rtn": QuantConfig(format="int4", rank=0, smooth=False, gptq=False)}  # fmt: skip
     for name, config in configs.items():
         model = copy.deepcopy(pipe.transformer)
         report = quantize_model(model, calib, config, progress=False)

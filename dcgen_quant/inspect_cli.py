@@ -97,7 +97,7 @@ def _layer_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             row["acts"] = "unsigned" if info.get("act_unsigned") else "signed"
         stats = calib.get(name, {})
-        for key in ("err_rtn", "err_smooth", "err_svdq", "seconds"):
+        for key in ("err_rtn", "err_smooth", "err_svdq", "err_heldout", "seconds"):
             row[key] = stats.get(key)
         rows.append(row)
     return rows
@@ -149,6 +149,13 @@ def run(args: argparse.Namespace) -> int:
             f"calibration  relative output error: mean {sum(errs) / len(errs):.4f}, "
             f"max {max(errs):.4f} over {len(errs)} layers"
         )
+    held = [r["err_heldout"] for r in rows if r["err_heldout"] is not None]
+    if held:
+        print(
+            f"held-out     relative output error: mean {sum(held) / len(held):.4f}, "
+            f"max {max(held):.4f} over {len(held)} layers (calibration tokens no choice was "
+            "fitted on)"
+        )
     header = (
         "authenticated (metadata and tensor table match their SHA-256)"
         if summary["header_authenticated"]
@@ -163,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
             ("in_features", "K", None), ("out_features", "N", None), ("rank", "r", None),
             ("err_rtn", "err RTN", ".4f"),
             ("err_smooth", "err smooth", ".4f"), ("err_svdq", "err SVDQ", ".4f"),
+            ("err_heldout", "held-out", ".4f"),
         ]  # fmt: skip
         print()
         print(format_table(rows, columns))

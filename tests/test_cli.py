@@ -46,6 +46,7 @@ def test_default_quantize_run_writes_a_loadable_checkpoint(default_run):
     # tiny FLUX: 2 double blocks x 16 linears + 2 single blocks x 4 linears (W4A4 + W4A16)
     assert row["layers_quantized"] == 40
     assert 0 < row["mean_rel_err"] <= row["max_rel_err"] < 0.5
+    assert 0 < row["mean_rel_err_heldout"] < 0.5  # on the last sample's tokens, held out
     assert 0.2 < row["size_vs_16bit"] < 0.6
     assert not out.with_name(out.name + ".partial").exists()
     print(f"default quantize run: {row['seconds']:.1f} s")  # measured, not asserted
@@ -74,6 +75,9 @@ def test_inspect_reads_the_default_checkpoint(default_run, capsys):
     assert main(["inspect", str(out), "--layers"]) == 0
     text = capsys.readouterr().out
     assert "transformer_blocks.0.attn.to_q" in text and "err SVDQ" in text
+    assert "held-out" in text
+    held = [r["err_heldout"] for r in doc["layers"] if r["err_heldout"] is not None]
+    assert len(held) == 40
 
 
 def test_real_quantizer_round_trip_is_bit_exact(tmp_path):
@@ -169,6 +173,8 @@ def _save_flux_hidden_96(path):
         (None, ["--max-host-memory", "12XB"], "size '12XB' not understood"),
         (None, ["--max-host-memory", "1MB"], "--max-host-memory (976.6 KiB) cannot hold one block"),
         (None, ["--batch", "0"], "--batch must be >= 1"),
+        (None, ["--holdout", "1.5"], "holdout must be in [0, 1), got 1.5"),
+        (None, ["--rank-alloc"], "rank_alloc needs a rank that is a multiple of 16, got 4"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, setup, argv, message):

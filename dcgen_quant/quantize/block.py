@@ -17,6 +17,7 @@ number of CPU threads per process).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -143,11 +144,16 @@ def collect_inputs(
 
 
 def quantize_planned_group(
-    model: nn.Module, group: PlannedGroup, x: torch.Tensor | None, config: QuantConfig
+    model: nn.Module,
+    group: PlannedGroup,
+    x: torch.Tensor | None,
+    config: QuantConfig,
+    rank: int | None = None,
 ) -> list[tuple[str, nn.Module | None, LayerReport]]:
     """(name, quantized module or None if kept 16-bit, report entry) per member of ``group``.
 
     ``x`` [T, K]: the group's merged calibration tokens (None: the group was never called).
+    ``rank``: the group's low-rank rank where rank allocation chose one (default config.rank).
     """
     modules = [model.get_submodule(n) for n in group.names]
     if x is None:
@@ -166,12 +172,33 @@ def quantize_planned_group(
             results = [quantize_split(specs[0], x, config, group.split_at)]
         else:
             unsigned = group.act_unsigned and _unsigned_ok(group, x, group.names)
+            if rank is not None:
+                config = dataclasses.replace(config, rank=rank)
             results = quantize_group(specs, x, config, act_unsigned=unsigned)
     return [(spec.name, module, entry) for (module, entry), spec in zip(results, specs)]
 
 
 def _to(module: nn.Module | None, device) -> nn.Module | None:
     return None if module is None else module.to(device)
+
+
+def _allocated_ranks(model, plan: BlockPlan, mine, tokens, config: QuantConfig, dist: Dist):
+    """``config.rank_alloc``: {first member's name: rank} for the block's W4A4 groups (ranks.py).
+    Each rank measures its own groups; the allocation, made from all of them, is the same on
+    every rank."""
+    from .ranks import allocate_block, group_rank_errors
+
+    found = {}
+    for i in mine:
+        item = group_rank_errors(model, plan.groups[i], tokens(i), config)
+        if item is not None:
+            found[i] = item
+    if dist.world > 1:
+        gathered: dict[int, tuple] = {}
+        for contribution in dist.all_gather(found):
+            gathered.update(contribution)
+        found = gathered
+    return allocate_block([found[i] for i in sorted(found)])
 
 
 def quantize_block(
@@ -207,15 +234,18 @@ def quantize_block(
     parts = dist.gather_to_owners({i: r.state() for i, r in enumerate(reservoirs)}, owners)
     del reservoirs
 
+    def tokens(i: int) -> torch.Tensor | None:
+        seed = seed_for(config.seed, plan.groups[i].names[0])
+        return TokenReservoir.merge(config.calib_tokens, seed, parts[i], device).data
+
+    ranks = _allocated_ranks(model, plan, mine, tokens, config, dist) if config.rank_alloc else {}
     results: dict[int, list] = {}
     bar = tqdm(mine, desc=plan.name, unit="group", leave=False, disable=not progress)
     for i in bar:
         group = plan.groups[i]
-        seed = seed_for(config.seed, group.names[0])
-        merged = TokenReservoir.merge(config.calib_tokens, seed, parts.pop(i), device)
-        x = merged.data
-        del merged
-        results[i] = quantize_planned_group(model, group, x, config)
+        x = tokens(i)
+        del parts[i]
+        results[i] = quantize_planned_group(model, group, x, config, ranks.get(group.names[0]))
         del x
     if dist.world > 1:
         # modules travel as CPU tensors; each rank puts them on its own device

@@ -54,7 +54,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep layers whose in_features is not a multiple of the group size in 16 bits "
         "(default: error)",
     )  # fmt: skip
-    parser.add_argument("--gptq", action="store_true", help="GPTQ on the 4-bit residual")
+    parser.add_argument(
+        "--gptq", action=argparse.BooleanOptionalAction, default=True,
+        help="GPTQ on the 4-bit residual, kept per layer where it lowers the held-out error "
+        "(default; --no-gptq: round-to-nearest everywhere)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lowrank", choices=("auto", "svd", "output"), default="auto",
+        help="low-rank branch: svd (of the smoothed weight), output (output-aware), auto "
+        "(svd, then output-aware steps while they lower the held-out error; default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--holdout", type=float, default=0.25,
+        help="fraction of each layer's calibration tokens held out to judge every choice "
+        "(default 0.25; 0: judge on the calibration tokens themselves)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rank-alloc", action="store_true",
+        help="per-layer ranks (multiples of 16) by held-out error per byte, within the bytes of "
+        "the uniform --rank",
+    )  # fmt: skip
     parser.add_argument(
         "--signed-gelu", action="store_true",
         help="INT4: quantize the inputs of GELU-output layers (FLUX ff.net.2) with signed codes "
@@ -262,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
         unsigned_gelu=not args.signed_gelu, nunchaku_compatible=args.nunchaku_compatible,
         smooth_grid=args.smooth_grid, lowrank_iters=args.lowrank_iters,
         calib_tokens=args.calib_tokens, search_tokens=min(1024, args.calib_tokens),
+        lowrank=args.lowrank, holdout=args.holdout, rank_alloc=args.rank_alloc,
     )  # fmt: skip
     if args.prompts is not None and not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file not found: {args.prompts}")
@@ -304,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
         "size_vs_16bit": summary["size_vs_bf16"],
         "mean_rel_err": stats["mean_rel_err"],
         "max_rel_err": stats["max_rel_err"],
+        "mean_rel_err_heldout": stats["mean_rel_err_heldout"],
         "seconds": seconds,
         "ranks": dist.world,
         "checkpoint": str(out),
@@ -313,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
         ("layers_quantized", "layers 4-bit", None), ("layers_skipped", "16-bit", None),
         ("size_mib", "MiB", ".2f"), ("size_vs_16bit", "vs 16-bit", ".3f"),
         ("mean_rel_err", "mean rel err", ".4f"), ("max_rel_err", "max rel err", ".4f"),
-        ("seconds", "seconds", ".1f"),
+        ("mean_rel_err_heldout", "held-out err", ".4f"), ("seconds", "seconds", ".1f"),
     ]  # fmt: skip
     emit([row], columns, args.json, title=f"wrote {out}")
     return 0

@@ -1,8 +1,13 @@
 """QuantConfig: every knob of the SVDQuant quantizer, with the reference defaults.
 
-Defaults follow DeepCompressor's SVDQuant settings (REFERENCE.md section 2): rank 32, smoothing
-with an (alpha, beta) grid search, iterative low-rank refinement, optional GPTQ on the residual.
-``QuantConfig(format=..., rank=0, smooth=False)`` is plain round-to-nearest W4A4.
+The search follows DeepCompressor's SVDQuant settings (REFERENCE.md section 2): rank 32,
+smoothing with an (alpha, beta) grid search, iterative low-rank refinement, GPTQ on the residual.
+Unlike DeepCompressor, every choice is judged on held-out calibration tokens (``holdout``), the
+low-rank branch may be fitted to the layer's output instead of its weight (``lowrank``), and
+GPTQ (with a shrunk Hessian) is kept per layer only where it lowers the held-out error
+(docs/QUANTIZE.md). ``QuantConfig(format=..., rank=0, smooth=False, gptq=False)`` is plain
+round-to-nearest W4A4; ``QuantConfig(holdout=0, lowrank="svd", gptq=False)`` is the search as
+DeepCompressor runs it (all choices judged on the calibration tokens themselves).
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ class QuantConfig:
     """Rank of the 16-bit low-rank branch; 0 disables it."""
     smooth: bool = True
     """Per-channel smoothing with a per-layer (alpha, beta) grid search."""
-    gptq: bool = False
-    """GPTQ on the 4-bit residual instead of round-to-nearest."""
+    gptq: bool = True
+    """GPTQ on the 4-bit residual, kept per layer only where it lowers the held-out error
+    (round-to-nearest otherwise). Its Hessian is shrunk toward its diagonal (``gptq_shrink``), so
+    that it generalizes from fewer tokens than input features. With ``holdout=0`` it is kept
+    where it lowers the error on the calibration tokens (which overfits: docs/QUANTIZE.md)."""
     smooth_grid: int = 20
     """Grid points per exponent in [0, 1] for the (alpha, beta) search."""
     lowrank_iters: int = 8
@@ -37,15 +45,38 @@ class QuantConfig:
     svd: str = "randomized"
     """"randomized" (fast truncated SVD) or "full" (torch.linalg.svd), for comparison."""
     gptq_damp: float = 0.01
+    """``gptq_damp * mean(diag(H))`` is added to the Hessian's diagonal (reference 0.01)."""
     gptq_block: int = 128
+    gptq_shrink: float | None = None
+    """Weight of the diagonal in the shrunk Hessian ``(1 - s) H + s diag(H)``, in [0, 1]; None:
+    estimated per layer from its fitting tokens (Ledoit-Wolf intensity, :func:`.gptq.shrinkage`):
+    about 1 for uncorrelated inputs (GPTQ then reduces to round-to-nearest), near 0 when
+    plenty of tokens pin down the correlations."""
+    holdout: float = 0.25
+    """Fraction of each layer's calibration tokens held out (the last ones: the last samples,
+    holdout.py): the smoothing search, the refinement, the low-rank method and GPTQ are judged
+    on them, and the report gives the error on them (``err_heldout``). 0: no split, every choice
+    judged on the calibration tokens (DeepCompressor's way)."""
+    lowrank: str = "auto"
+    """"svd": the branch is the SVD of the smoothed weight minus the quantized residual
+    (DeepCompressor); "output": the SVD that minimizes the layer's output error on the fitting
+    tokens (activation-whitened, lowrank.py); "auto": the SVD refinement, then output-aware
+    steps while they lower the held-out error."""
+    rank_alloc: bool = False
+    """Per-layer ranks (multiples of 16, up to ``2 * rank``) chosen per transformer block by
+    held-out error per byte, within the bytes of the uniform ``rank`` (ranks.py)."""
+    lowrank_shrink: float = 0.5
+    """Weight of the diagonal in the activation Gram that whitens the output-aware branch,
+    ``(1 - s) X^T X + s diag(X^T X)``: 0 is the pure output error, 1 a per-channel weighting."""
     dtype: torch.dtype = torch.bfloat16
     """Compute / storage dtype of the quantized layers (scales, low-rank factors, bias)."""
     calib_tokens: int = 4096
     """Calibration tokens kept per layer (uniformly subsampled across samples and timesteps)."""
     search_tokens: int = 1024
-    """Tokens (a uniform subsample of the calibration tokens) on which the (alpha, beta) grid
-    search ranks its candidates; the low-rank refinement, GPTQ's check and the reported errors
-    use all ``calib_tokens``, and the smoothing statistics (max |x| per channel) always do."""
+    """Tokens (a uniform subsample of the held-out tokens; of all calibration tokens with
+    ``holdout=0``) on which the (alpha, beta) grid search ranks its candidates; the refinement,
+    the low-rank method and GPTQ are judged on all held-out tokens, and the smoothing statistics
+    (max |x| per channel) are those of all fitting tokens."""
     skip: tuple[str, ...] = field(default_factory=tuple)
     """Extra module-name patterns (fnmatch) to keep in 16 bits, on top of the family's list."""
     weight_only_adanorm: bool = True
@@ -83,6 +114,16 @@ class QuantConfig:
             raise ValueError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
         if self.search_tokens < 1:
             raise ValueError(f"search_tokens must be >= 1, got {self.search_tokens}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.lowrank not in ("auto", "svd", "output"):
+            raise ValueError(f"lowrank must be 'auto', 'svd' or 'output', got {self.lowrank!r}")
+        if self.rank_alloc and (self.rank < 16 or self.rank % 16):
+            raise ValueError(f"rank_alloc needs a rank that is a multiple of 16, got {self.rank}")
+        if not 0 <= self.lowrank_shrink <= 1:
+            raise ValueError(f"lowrank_shrink must be in [0, 1], got {self.lowrank_shrink}")
+        if self.gptq_shrink is not None and not 0 <= self.gptq_shrink <= 1:
+            raise ValueError(f"gptq_shrink must be None or in [0, 1], got {self.gptq_shrink}")
         self.skip = tuple(self.skip)
         if self.nunchaku_compatible and not (self.unsigned_gelu and self.weight_only_adanorm):
             raise ValueError(

@@ -7,7 +7,8 @@
   4-bit residual.
 
 Both fill a :class:`~dcgen_quant.quantize.report.LayerReport` per layer (relative output error of
-naive W4A4, smoothing only and full SVDQuant, chosen alpha/beta, seconds).
+naive W4A4, smoothing only and full SVDQuant on the fitting tokens, SVDQuant's on the held-out
+tokens, chosen alpha/beta and low-rank method, seconds).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from ..formats.int4 import pack_int4, unpack_int4
 from ..formats.nvfp4 import nvfp4_tensor_scale
 from ..nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
 from .config import QuantConfig
-from .gptq import gptq_quantize, hessian
+from .gptq import fitted_hessian, gptq_quantize
+from .holdout import split_heldout
+from .lowrank import activation_whitener
 from .report import LayerReport, QuantReport
-from .search import GroupProblem, SearchResult, search
+from .search import GroupProblem, SearchResult, refine_output, search
 
 QUANTIZED_TYPES = (SVDQLinear, W4A16Linear)
 
@@ -236,8 +239,9 @@ def relative_error(module: nn.Module, spec: LinearSpec, x: torch.Tensor) -> floa
 # the group quantizer
 
 
-def _quantize_residuals(problem, result: SearchResult, splits, config, use_gptq: bool):
-    """Per-member QuantizedWeight of the residual (GPTQ if it lowers the output error).
+def _quantize_residuals(problem, judge, result: SearchResult, splits, config, use_gptq: bool):
+    """Per-member QuantizedWeight of the residual by round-to-nearest, and by GPTQ (Hessian of
+    the fitting tokens) when it is to be tried (else None).
 
     NVFP4 members of a group share one tensor scale (that of the whole residual), so that the
     group can run as one concatenated GEMM (:mod:`dcgen_quant.fusion`).
@@ -247,48 +251,67 @@ def _quantize_residuals(problem, result: SearchResult, splits, config, use_gptq:
     if len(parts) > 1 and get_format(config.format).has_tensor_scale:
         shared = nvfp4_tensor_scale(result.residual)
     rtn = [quantize_weight(p, config.format, config.dtype, shared) for p in parts]
-    if not use_gptq:
-        return rtn, False
-    h = hessian(problem.x / result.smooth)
+    # GPTQ is kept only where tokens it was not fitted on confirm it (with holdout=0, the user
+    # asked for in-sample judging); with too few tokens to hold any out, it is not tried
+    if not use_gptq or (judge is problem and config.holdout > 0):
+        return rtn, None
+    h, _ = fitted_hessian(problem.x / result.smooth, config.gptq_shrink)
     gptq = [
         gptq_quantize(
             p, h, config.format, config.dtype, config.gptq_damp, config.gptq_block, shared
         )
         for p in parts
     ]
-
-    def objective(qws):
-        rq = torch.cat([dequantize_weight(q) for q in qws], dim=0)
-        return problem.objective(result.smooth, result.proj_down, result.proj_up, rq)
-
-    # GPTQ minimizes the error against unquantized activations; with 4-bit activations it can
-    # (rarely) lose to round-to-nearest, so keep whichever is better on the calibration set.
-    if objective(gptq) <= objective(rtn):
-        return gptq, True
-    return rtn, False
+    return rtn, gptq
 
 
-def _w4a4_modules(problem, result, specs, splits, config, use_gptq):
-    qws, used_gptq = _quantize_residuals(problem, result, splits, config, use_gptq)
-    ups = result.proj_up.split(splits, dim=0) if result.proj_up is not None else [None] * len(qws)
-    modules = [
-        _build_w4a4(spec, qw, result.smooth, result.proj_down, up, config, problem.act_unsigned)
-        for spec, qw, up in zip(specs, qws, ups)
-    ]
-    return modules, used_gptq
+def _w4a4_modules(problem, judge, result, specs, splits, config, use_gptq, x_judge=None):
+    """Runtime modules of a group and, per member, whether GPTQ chose its codes.
+
+    GPTQ minimizes the error against unquantized activations on the fitting tokens; with 4-bit
+    activations, or fewer tokens than inputs, it can lose to round-to-nearest. So each member
+    keeps GPTQ's codes only where its runtime module has the lower relative output error on
+    ``x_judge`` (the held-out tokens; default ``judge.x``), the very error the report gives: a
+    member's error depends only on its own rows of the residual, so the members of a fused group
+    (q/k/v) are decided one by one and GPTQ never raises a member's held-out error.
+    """
+    rtn, gptq = _quantize_residuals(problem, judge, result, splits, config, use_gptq)
+    ups = result.proj_up.split(splits, dim=0) if result.proj_up is not None else [None] * len(rtn)
+
+    def build(spec, qw, up):
+        return _build_w4a4(
+            spec, qw, result.smooth, result.proj_down, up, config, problem.act_unsigned
+        )
+
+    modules = [build(spec, qw, up) for spec, qw, up in zip(specs, rtn, ups)]
+    kept = [False] * len(specs)
+    if gptq is not None:
+        x_judge = judge.x if x_judge is None else x_judge
+        for i, (spec, qw, up) in enumerate(zip(specs, gptq, ups)):
+            candidate = build(spec, qw, up)
+            if relative_error(candidate, spec, x_judge) < relative_error(modules[i], spec, x_judge):
+                modules[i], kept[i] = candidate, True
+    return modules, kept
 
 
-def _baseline_errors(problem, specs, x, config, generator, ranking):
-    """Per member: relative error of naive W4A4 (round to nearest, rank 0, no smoothing) and of
-    smoothing only (rank 0, the (alpha, beta) search), in ``problem``'s activation codes."""
+def _baseline_errors(problem, judge, specs, x, config, generator, ranking):
+    """Per member: relative error on tokens ``x`` of naive W4A4 (round to nearest, rank 0, no
+    smoothing) and of smoothing only (rank 0, the (alpha, beta) search), in ``problem``'s
+    activation codes."""
     splits = problem.splits
     base = search(problem, 0, False, 1, 0, config.svd, generator)
-    naive_modules, _ = _w4a4_modules(problem, base, specs, splits, config, False)
+    naive_modules, _ = _w4a4_modules(problem, judge, base, specs, splits, config, False)
     naive = [relative_error(m, s, x) for m, s in zip(naive_modules, specs)]
-    sm = search(problem, 0, config.smooth, config.smooth_grid, 0, config.svd, generator, ranking)
-    sm_modules, _ = _w4a4_modules(problem, sm, specs, splits, config, False)
+    sm = search(
+        problem, 0, config.smooth, config.smooth_grid, 0, config.svd, generator, ranking, judge
+    )
+    sm_modules, _ = _w4a4_modules(problem, judge, sm, specs, splits, config, False)
     smooth_only = [relative_error(m, s, x) for m, s in zip(sm_modules, specs)]
     return naive, smooth_only
+
+
+def _heldout_error(module, spec, x_heldout):
+    return None if x_heldout is None else relative_error(module, spec, x_heldout)
 
 
 def quantize_group(
@@ -302,11 +325,14 @@ def quantize_group(
 ) -> list[tuple[nn.Module, LayerReport]]:
     """SVDQuant of linears sharing the input ``x`` [T, K] (float32 tokens, already subsampled).
 
-    Returns one (runtime module, report) per member, in order. ``baselines=False`` skips the
-    naive and smoothing-only reference errors (their fields stay None). ``act_unsigned`` (INT4):
-    the layers quantize ``x + UNSIGNED_ACT_SHIFT`` to unsigned codes (for inputs that are GELU
-    outputs, >= -0.17) and their bias cancels the shift; the baselines use the same activation
-    codes. ValueError if a calibration input lies below ``-UNSIGNED_ACT_SHIFT``.
+    The last ``config.holdout`` of the tokens are held out (holdout.py): the rest fit, these
+    judge the search, the low-rank method and GPTQ. Returns one (runtime module, report) per
+    member, in order; the report has the error on the fitting tokens (``err_svdq``) and on the
+    held-out ones (``err_heldout``). ``baselines=False`` skips the naive and smoothing-only
+    reference errors (their fields stay None). ``act_unsigned`` (INT4): the layers quantize
+    ``x + UNSIGNED_ACT_SHIFT`` to unsigned codes (for inputs that are GELU outputs, >= -0.17) and
+    their bias cancels the shift; the baselines use the same activation codes. ValueError if a
+    calibration input lies below ``-UNSIGNED_ACT_SHIFT``.
     """
     start = time.perf_counter()
     k = specs[0].in_features
@@ -333,31 +359,48 @@ def quantize_group(
         generator = torch.Generator(x.device).manual_seed(seed_for(config.seed, specs[0].name))
     splits = [s.out_features for s in specs]
     weight = torch.cat([s.weight for s in specs], dim=0)
+    x_fit, x_heldout = split_heldout(x, config.holdout)
     problem = GroupProblem(
-        weight, splits, x, config.format, config.dtype, act_unsigned=act_unsigned
+        weight, splits, x_fit, config.format, config.dtype, act_unsigned=act_unsigned
     )
+    judge = problem if x_heldout is None else problem.on(x_heldout)
     rank = effective_rank(config.rank, weight.shape[0], k)
-    ranking = problem.subset(config.search_tokens, generator)
+    ranking = judge.subset(config.search_tokens, generator)
+    svd_iters = 0 if config.lowrank == "output" else config.lowrank_iters
     result = search(
-        problem, rank, config.smooth, config.smooth_grid, config.lowrank_iters, config.svd,
-        generator, ranking,
+        problem, rank, config.smooth, config.smooth_grid, svd_iters, config.svd, generator,
+        ranking, judge,
     )  # fmt: skip
-    modules, used_gptq = _w4a4_modules(problem, result, specs, splits, config, config.gptq)
+    if rank > 0 and config.lowrank != "svd":
+        whitener = activation_whitener(problem.x, config.lowrank_shrink)
+        result = refine_output(
+            problem, result, whitener, config.lowrank_iters, config.svd, generator, judge
+        )
+    x_judge = x_fit if x_heldout is None else x_heldout
+    modules, used_gptq = _w4a4_modules(
+        problem, judge, result, specs, splits, config, config.gptq, x_judge
+    )
 
     naive = smooth_only = [None] * len(specs)
     if baselines:
-        naive, smooth_only = _baseline_errors(problem, specs, x, config, generator, ranking)
+        naive, smooth_only = _baseline_errors(
+            problem, judge, specs, x_fit, config, generator, ranking
+        )
     seconds = (time.perf_counter() - start) / len(specs)
     group = [s.name for s in specs] if len(specs) > 1 else None
     out = []
-    for spec, module, e_naive, e_smooth in zip(specs, modules, naive, smooth_only):
+    for spec, module, e_naive, e_smooth, kept_gptq in zip(
+        specs, modules, naive, smooth_only, used_gptq
+    ):
         report = LayerReport(
             name=spec.name, kind="w4a4", module=type(module).__name__,
             out_features=spec.out_features, in_features=k, bias=module.bias is not None,
             rank=rank, group=group, act_unsigned=act_unsigned, alpha=result.alpha, beta=result.beta,
-            lowrank_iters=result.svd_count, gptq=used_gptq, err_rtn=e_naive,
-            err_smooth=e_smooth, err_svdq=relative_error(module, spec, x),
-            calib_tokens=x.shape[0], seconds=seconds,
+            lowrank_iters=result.svd_count, lowrank=result.lowrank if rank else None,
+            gptq=kept_gptq, err_rtn=e_naive, err_smooth=e_smooth,
+            err_svdq=relative_error(module, spec, x_fit),
+            err_heldout=_heldout_error(module, spec, x_heldout), calib_tokens=x.shape[0],
+            heldout_tokens=0 if x_heldout is None else x_heldout.shape[0], seconds=seconds,
         )  # fmt: skip
         out.append((module, report))
     return out
@@ -402,18 +445,26 @@ def quantize_split(
         [tail], x[:, split_at:], config, baselines=False, generator=generator, act_unsigned=True
     )
     module = SVDQSplitLinear([m0, m1])
+    x_fit, x_heldout = split_heldout(x, config.holdout)  # the rows each part was split by
     naive = smooth_only = None
     if baselines:
-        problem = GroupProblem(spec.weight, [n], x, config.format, config.dtype)
-        ranking = problem.subset(config.search_tokens, generator)
-        (naive,), (smooth_only,) = _baseline_errors(problem, [spec], x, config, generator, ranking)
+        problem = GroupProblem(spec.weight, [n], x_fit, config.format, config.dtype)
+        judge = problem if x_heldout is None else problem.on(x_heldout)
+        ranking = judge.subset(config.search_tokens, generator)
+        (naive,), (smooth_only,) = _baseline_errors(
+            problem, judge, [spec], x_fit, config, generator, ranking
+        )
+    lowrank = None
+    if r0.lowrank or r1.lowrank:
+        lowrank = "output" if "output" in (r0.lowrank, r1.lowrank) else "svd"
     report = LayerReport(
         name=spec.name, kind="w4a4", module=type(module).__name__, out_features=n,
         in_features=k, bias=spec.bias is not None, rank=max(r0.rank, r1.rank),
-        split_at=split_at, lowrank_iters=r0.lowrank_iters + r1.lowrank_iters,
+        split_at=split_at, lowrank_iters=r0.lowrank_iters + r1.lowrank_iters, lowrank=lowrank,
         gptq=r0.gptq or r1.gptq, err_rtn=naive, err_smooth=smooth_only,
-        err_svdq=relative_error(module, spec, x), calib_tokens=x.shape[0],
-        seconds=time.perf_counter() - start,
+        err_svdq=relative_error(module, spec, x_fit),
+        err_heldout=_heldout_error(module, spec, x_heldout), calib_tokens=x.shape[0],
+        heldout_tokens=r0.heldout_tokens, seconds=time.perf_counter() - start,
     )  # fmt: skip
     return module, report
 
@@ -423,9 +474,10 @@ def quantize_weight_only(
 ) -> tuple[nn.Module, LayerReport]:
     """4-bit weight, 16-bit activations (``W4A16Linear`` / ``W4A16Conv1x1``) for ``spec``.
 
-    ``x`` [T, K] float32 serves the error report and, with ``config.gptq``, the Hessian. The
-    format is ``config.weight_only_format`` (INT4 with ``nunchaku_compatible``, whose codes are
-    then kept in -7..7: round to nearest gives that by itself, GPTQ codes -8 become -7).
+    ``x`` [T, K] float32 serves the error report and, with ``config.gptq``, the Hessian (of the
+    fitting tokens; GPTQ is kept where it lowers the error on the held-out ones, holdout.py).
+    The format is ``config.weight_only_format`` (INT4 with ``nunchaku_compatible``, whose codes
+    are then kept in -7..7: round to nearest gives that by itself, GPTQ codes -8 become -7).
     """
     start = time.perf_counter()
     fmt = config.weight_only_format
@@ -449,21 +501,23 @@ def quantize_weight_only(
         _fill_weight(module, qw, bias_value)
         return module
 
+    x_fit, x_heldout = split_heldout(x, config.holdout)
+    x_judge = x_fit if x_heldout is None else x_heldout
     rtn = build(quantize_weight(spec.weight, fmt, config.dtype))
-    err_rtn = relative_error(rtn, spec, x)
-    module, err, used_gptq = rtn, err_rtn, False
-    if config.gptq:
-        h = hessian(x.to(config.dtype).float())
+    module, used_gptq = rtn, False
+    if config.gptq and (x_heldout is not None or config.holdout == 0):  # as _quantize_residuals
+        h, _ = fitted_hessian(x_fit.to(config.dtype).float(), config.gptq_shrink)
         cand = build(
             gptq_quantize(spec.weight, h, fmt, config.dtype, config.gptq_damp, config.gptq_block)
         )
-        err_gptq = relative_error(cand, spec, x)
-        if err_gptq <= err_rtn:
-            module, err, used_gptq = cand, err_gptq, True
+        if relative_error(cand, spec, x_judge) < relative_error(rtn, spec, x_judge):
+            module, used_gptq = cand, True
     report = LayerReport(
         name=spec.name, kind="w4a16", module=type(module).__name__,
         out_features=spec.out_features, in_features=spec.in_features, bias=bias, gptq=used_gptq,
-        err_rtn=err_rtn, err_svdq=err, calib_tokens=x.shape[0],
+        err_rtn=relative_error(rtn, spec, x_fit), err_svdq=relative_error(module, spec, x_fit),
+        err_heldout=_heldout_error(module, spec, x_heldout), calib_tokens=x.shape[0],
+        heldout_tokens=0 if x_heldout is None else x_heldout.shape[0],
         seconds=time.perf_counter() - start,
     )  # fmt: skip
     return module, report

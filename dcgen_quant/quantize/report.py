@@ -2,16 +2,22 @@
 
 Errors are relative output errors ``||y_q - y|| / ||y||`` of the layer on its calibration inputs,
 ``y`` being the original layer's output (bias included) computed in float32 and ``y_q`` the
-quantized layer's output through the reference ops, i.e. exactly what the runtime computes:
+quantized layer's output through the reference ops, i.e. exactly what the runtime computes.
+The calibration tokens are split into fitting and held-out ones (``QuantConfig.holdout``,
+holdout.py); the ``err_*`` fields but ``err_heldout`` are on the fitting tokens:
 
 ``err_rtn``      naive W4A4: round-to-nearest, rank 0, no smoothing; for W4A16 layers the
                 round-to-nearest 4-bit weight;
 ``err_smooth``   smoothing only (rank 0, (alpha, beta) searched); None for W4A16 layers;
-``err_svdq``     the layer as quantized with the run's QuantConfig (what the model now holds).
+``err_svdq``     the layer as quantized with the run's QuantConfig (what the model now holds);
+``err_heldout``  the same layer on the held-out tokens, which no choice was fitted on (None when
+                nothing was held out): what to expect on new inputs. ``err_svdq`` far below it
+                means the layer fits its calibration tokens better than new ones.
 
 ``summary()`` keys: ``layers_quantized``, ``w4a4``, ``w4a16``, ``layers_skipped``,
 ``mean_rel_err`` / ``max_rel_err`` (of ``err_svdq`` over the quantized layers),
-``max_rel_err_layer``, ``mean_rel_err_rtn``, ``total_seconds``.
+``max_rel_err_layer``, ``mean_rel_err_heldout`` / ``max_rel_err_heldout`` (of ``err_heldout``,
+None if no layer has one), ``mean_rel_err_rtn``, ``total_seconds``.
 """
 
 from __future__ import annotations
@@ -49,12 +55,19 @@ class LayerReport:
     beta: float | None = None
     lowrank_iters: int = 0
     """SVDs computed for the chosen (alpha, beta): 1 + refinement steps that were kept or tried."""
+    lowrank: str | None = None
+    """How the branch was fitted: "svd" (the smoothed weight's SVD, refined with the residual)
+    or "output" (output-aware steps lowered the held-out error further); None without a branch."""
     gptq: bool = False
     """GPTQ chose the residual's codes (False: round-to-nearest was kept)."""
     err_rtn: float | None = None
     err_smooth: float | None = None
     err_svdq: float | None = None
+    err_heldout: float | None = None
     calib_tokens: int = 0
+    """Calibration tokens of the layer, fitting and held-out together."""
+    heldout_tokens: int = 0
+    """How many of them were held out (the last ones); 0: all fitted, ``err_heldout`` None."""
     seconds: float = 0.0
     """Wall time of this layer (a fused group's time is split evenly between its members)."""
     reason: str | None = None
@@ -118,6 +131,11 @@ class QuantReport:
             if layer.err_svdq is not None and math.isfinite(layer.err_svdq)
         ]
         naive = [layer.err_rtn for layer in quantized if layer.err_rtn is not None]
+        heldout = [
+            layer.err_heldout
+            for layer in quantized
+            if layer.err_heldout is not None and math.isfinite(layer.err_heldout)
+        ]
         worst = max(errs) if errs else (None, None)
         return {
             "layers_quantized": len(quantized),
@@ -127,6 +145,8 @@ class QuantReport:
             "mean_rel_err": sum(e for e, _ in errs) / len(errs) if errs else None,
             "max_rel_err": worst[0],
             "max_rel_err_layer": worst[1],
+            "mean_rel_err_heldout": sum(heldout) / len(heldout) if heldout else None,
+            "max_rel_err_heldout": max(heldout) if heldout else None,
             "mean_rel_err_rtn": sum(naive) / len(naive) if naive else None,
             "total_seconds": sum(layer.seconds for layer in self.layers),
         }
@@ -161,6 +181,7 @@ class QuantReport:
                 "err_rtn": layer.err_rtn,
                 "err_smooth": layer.err_smooth,
                 "err_svdq": layer.err_svdq,
+                "err_heldout": layer.err_heldout,
                 "seconds": layer.seconds,
                 "reason": layer.reason,
             }

@@ -6,9 +6,14 @@ Given the concatenated weight ``W`` [N, K] of the group and calibration inputs `
    the rank-r branch from one SVD of ``W_hat``, the residual ``R = W_hat - L`` quantized per
    member, and the group's output error on a uniform subset of ``X``
    (``QuantConfig.search_tokens``; ``lambda`` itself always uses the statistics of all of X);
-2. for the best candidate, iterative refinement of the branch on all of ``X``:
+2. for the best candidate, iterative refinement of the branch:
    ``L <- SVD_r(W_hat - Q(W_hat - L))`` while the output error keeps falling (at most
-   ``lowrank_iters`` steps).
+   ``lowrank_iters`` steps); :func:`refine_output` continues with output-aware steps
+   ``L <- argmin ||X (W_hat - Q(W_hat - L) - L)^T||`` (lowrank.py) while they lower it further.
+
+Which tokens judge: the problem's own (the fitting tokens) give the smoothing statistics and the
+activation Gram; a ``judge`` problem (the held-out tokens, holdout.py) ranks the candidates and
+decides every refinement step. Without one, the problem judges itself (DeepCompressor's way).
 
 The error simulated here is the runtime's: activations rounded to the layer dtype, divided by the
 dtype-rounded ``lambda`` and quantized per token and group (for unsigned activations: shifted by
@@ -21,6 +26,7 @@ outputs counts as much as a large one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -28,7 +34,7 @@ import torch
 
 from ..formats import UNSIGNED_ACT_SHIFT
 from .fakequant import fake_quant_act, fake_quant_weight
-from .lowrank import lowrank_factors, lowrank_weight
+from .lowrank import lowrank_factors, lowrank_weight, output_factors
 from .smoothing import alpha_beta_candidates, channel_absmax, smooth_factor
 
 
@@ -64,8 +70,9 @@ class SearchResult:
     proj_down: torch.Tensor | None  # [K, r], None for rank 0
     proj_up: torch.Tensor | None  # [N, r] (all members stacked)
     residual: torch.Tensor  # [N, K], smoothed space, what gets quantized
-    objective: float
+    objective: float  # on the judging tokens
     svd_count: int
+    lowrank: str = "svd"  # "output" once an output-aware step was kept
 
 
 class GroupProblem:
@@ -101,6 +108,12 @@ class GroupProblem:
         self.x_absmax = x_absmax
         self.w_absmax = weight.abs().amax(dim=0)
         self._x_source = x
+
+    def on(self, x: torch.Tensor) -> GroupProblem:
+        """The same weight and smoothing statistics, judged on other tokens ``x`` [T', K]."""
+        return GroupProblem(
+            self.weight, self.splits, x, self.fmt, self.dtype, self.x_absmax, self.act_unsigned
+        )
 
     def subset(self, n: int, generator: torch.Generator) -> GroupProblem:
         """The same problem on ``n`` uniformly chosen tokens (itself if it has no more).
@@ -156,16 +169,19 @@ def search(
     svd: str,
     generator: torch.Generator,
     ranking: GroupProblem | None = None,
+    judge: GroupProblem | None = None,
 ) -> SearchResult:
     """Grid search over (alpha, beta) with the rank-``rank`` branch in place, then refinement.
 
-    ``rank=0`` searches smoothing alone; ``smooth=False`` tries only (0, 0). The candidates are
-    ranked on ``ranking`` (a token subset of ``problem``, default ``problem`` itself); the
-    refinement runs on ``problem``. The generator drives the randomized SVD (one seeded sketch
-    per SVD, drawn in a fixed order: reproducible).
+    ``rank=0`` searches smoothing alone; ``smooth=False`` tries only (0, 0). ``problem`` gives
+    the weight and the smoothing statistics; ``judge`` (default ``problem``) decides the
+    refinement steps and the result's ``objective``; the candidates are ranked on ``ranking``
+    (default ``judge``; a token subset of it). The generator drives the randomized SVD (one
+    seeded sketch per SVD, drawn in a fixed order: reproducible).
     """
     w = problem.weight
-    ranking = ranking or problem
+    judge = judge or problem
+    ranking = ranking or judge
     best: SearchResult | None = None
     candidates = alpha_beta_candidates(grid, smooth)
     for alpha, beta in candidates:
@@ -190,16 +206,55 @@ def search(
     lam = best.smooth
     w_hat = w * lam
     residual_q = problem.quantize_residual(best.residual)
-    if ranking is not problem:
-        best.objective = problem.objective(lam, best.proj_down, best.proj_up, residual_q)
+    if ranking is not judge:
+        best.objective = judge.objective(lam, best.proj_down, best.proj_up, residual_q)
     for _ in range(lowrank_iters):
         pd, pu = lowrank_factors(w_hat - residual_q, lam, rank, problem.dtype, svd, generator)
         residual = w_hat - lowrank_weight(pd, pu, lam)
         candidate_q = problem.quantize_residual(residual)
-        obj = problem.objective(lam, pd, pu, candidate_q)
+        obj = judge.objective(lam, pd, pu, candidate_q)
         best.svd_count += 1
         if obj >= best.objective:
             break
         best.proj_down, best.proj_up, best.residual, best.objective = pd, pu, residual, obj
+        residual_q = candidate_q
+    return best
+
+
+def refine_output(
+    problem: GroupProblem,
+    result: SearchResult,
+    whitener: torch.Tensor,
+    iters: int,
+    svd: str,
+    generator: torch.Generator,
+    judge: GroupProblem | None = None,
+) -> SearchResult:
+    """Continue ``result`` (rank > 0, ``objective`` on ``judge``) with output-aware steps.
+
+    Each step fits the branch to what the current 4-bit residual leaves of the smoothed weight,
+    in the layer's output norm on the fitting tokens (``whitener``:
+    :func:`~dcgen_quant.quantize.lowrank.activation_whitener` of ``problem.x``):
+    ``L <- argmin ||X (W_hat - Q(R) - L)^T||``, ``R = W_hat - L``; a step is kept while it
+    lowers ``judge``'s objective (default ``problem``'s), at most ``iters`` steps. Returns a new
+    result (``lowrank="output"`` if a step was kept; ``result`` itself is not changed).
+    """
+    judge = judge or problem
+    best = dataclasses.replace(result)
+    lam = best.smooth
+    rank = best.proj_down.shape[1]
+    w_hat = problem.weight * lam
+    residual_q = problem.quantize_residual(best.residual)
+    for _ in range(iters):
+        target = (w_hat - residual_q) / lam  # acts on the unsmoothed x, as proj_down does
+        pd, pu = output_factors(target, whitener, rank, problem.dtype, svd, generator)
+        residual = w_hat - lowrank_weight(pd, pu, lam)
+        candidate_q = problem.quantize_residual(residual)
+        obj = judge.objective(lam, pd, pu, candidate_q)
+        best.svd_count += 1
+        if obj >= best.objective:
+            break
+        best.proj_down, best.proj_up, best.residual, best.objective = pd, pu, residual, obj
+        best.lowrank = "output"
         residual_q = candidate_q
     return best
