@@ -128,3 +128,12 @@ def test_sana_demo(tmp_path, capsys):
     assert detail["stage3"]["train"] < detail["stage2"]["train"]
     model = SanaTransformer2DModel.from_pretrained(out / "aligned" / "model", local_files_only=True)
     assert model.config.in_channels == 128 and model.config.patch_size == 1
+
+
+def test_ae_lr_factor_warms_up_then_decays():
+    from dcgen_quant.adapt.demo import ae_lr_factor
+
+    f = [ae_lr_factor(s, 400) for s in range(400)]
+    assert f[:20] == pytest.approx([(s + 1) / 20 for s in range(20)])  # 5% warm-up, peak 1
+    assert all(a >= b for a, b in zip(f[19:], f[20:])) and 0 < f[-1] < 1e-4
+    assert ae_lr_factor(0, 1) == 1.0  # one step: the warm-up's single step at the peak
