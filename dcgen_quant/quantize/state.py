@@ -78,7 +78,8 @@ def fingerprint(model: nn.Module, calib, config) -> dict[str, str]:
     }
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (read 16 MiB at a time)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 24):
@@ -86,7 +87,8 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _progress_sha256(progress: dict[str, Any]) -> str:
+def progress_sha256(progress: dict[str, Any]) -> str:
+    """SHA-256 of a progress record without its own ``sha256`` entry."""
     body = {k: v for k, v in progress.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -150,7 +152,7 @@ class RunState:
         path = self.dir / name
         if not path.is_file():
             raise self._damaged(name, "is missing")
-        if not isinstance(digest, str) or _file_sha256(path) != digest:
+        if not isinstance(digest, str) or file_sha256(path) != digest:
             raise self._damaged(name, "does not match its SHA-256 (truncated or altered)")
         return path
 
@@ -181,7 +183,7 @@ class RunState:
                 "progress.json",
                 f"has version {progress.get('version')!r} (this dcgen_quant writes {VERSION})",
             )
-        if progress.get("sha256") != _progress_sha256(progress):
+        if progress.get("sha256") != progress_sha256(progress):
             raise self._damaged("progress.json", "does not match its SHA-256 (edited?)")
         saved = progress.get("fingerprint")
         saved = saved if isinstance(saved, dict) else {}
@@ -238,7 +240,7 @@ class RunState:
         }
         with atomic_path(self.dir / block_file) as tmp:
             save_safetensors(tensors, tmp, None, self.dir / block_file)
-            block_sha = _file_sha256(tmp)
+            block_sha = file_sha256(tmp)
         blocks.append({"file": block_file, "modules": list(modules), "sha256": block_sha})
         inputs_file = inputs_sha = None
         if inputs is not None:
@@ -248,7 +250,7 @@ class RunState:
                 # torch.save(path) raises "enforce fail at inline_container.cc"
                 with open(tmp, "wb") as fh:
                     torch.save(inputs, fh)
-                inputs_sha = _file_sha256(tmp)
+                inputs_sha = file_sha256(tmp)
         new = {
             "version": VERSION,
             "fingerprint": self.fp,
@@ -258,7 +260,7 @@ class RunState:
             "inputs_sha256": inputs_sha,
             "report": report.to_dict(),
         }
-        new["sha256"] = _progress_sha256(new)
+        new["sha256"] = progress_sha256(new)
         atomic_write_text(self.progress_path, json.dumps(new, indent=1))
         if old_inputs and old_inputs != inputs_file:
             (self.dir / old_inputs).unlink(missing_ok=True)

@@ -19,13 +19,12 @@ module's own (``kind`` "stream"), versioned apart from the in-memory ``quantize_
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
-from .state import _digest, _is_state_file
+from .state import _digest, _is_state_file, file_sha256, progress_sha256
 
 KIND = "stream"
 VERSION = 1
@@ -39,20 +38,6 @@ def stream_fingerprint(cls_name: str, config: dict, weights_digest: str, quant_c
         "quant_config": _digest(json.dumps(quant_config.to_dict(), sort_keys=True)),
         "calibration": _digest(list(calib)),
     }
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (read 16 MiB at a time)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _body_sha256(progress: dict[str, Any]) -> str:
-    body = {k: v for k, v in progress.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 class StreamState:
@@ -101,7 +86,7 @@ class StreamState:
             raise self._damaged(
                 "progress.json", f"has version {progress.get('version')!r}, expected {VERSION}"
             )
-        if progress.get("sha256") != _body_sha256(progress):
+        if progress.get("sha256") != progress_sha256(progress):
             raise self._damaged("progress.json", "does not match its SHA-256 (edited?)")
         saved = progress.get("fingerprint") if isinstance(progress.get("fingerprint"), dict) else {}
         differ = [k for k in self.fp if saved.get(k) != self.fp[k]]
@@ -128,6 +113,6 @@ class StreamState:
                 "blocks": [], "report": None}  # fmt: skip
 
     def save(self, progress: dict[str, Any]) -> None:
-        progress = {**progress, "sha256": _body_sha256(progress)}
+        progress = {**progress, "sha256": progress_sha256(progress)}
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(progress, indent=1))

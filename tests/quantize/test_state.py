@@ -24,11 +24,11 @@ def test_new_and_foreign_state_dirs(tmp_path):
 
 
 def test_progress_checks(tmp_path):
-    from dcgen_quant.quantize.state import VERSION, _progress_sha256
+    from dcgen_quant.quantize.state import VERSION, progress_sha256
 
     def write(progress, seal=True):
         if seal:
-            progress = {**progress, "sha256": _progress_sha256(progress)}
+            progress = {**progress, "sha256": progress_sha256(progress)}
         (tmp_path / "progress.json").write_text(json.dumps(progress))
 
     (tmp_path / "progress.json").write_text("{not json")
