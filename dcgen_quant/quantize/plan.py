@@ -8,7 +8,8 @@ size of one calibration sample's block inputs:
 * the token reservoirs of a block (``calib_tokens`` x K per group, in the model dtype) and the
   working set of quantizing its largest group (float32 copies of the weight, the tokens and the
   outputs: :data:`WORK_WEIGHT`, :data:`WORK_TOKENS`, :data:`WORK_OUTPUTS` copies of each,
-  measured on FLUX-width groups);
+  measured on FLUX-width groups; plus [K, K] copies for GPTQ and the output-aware low-rank
+  branch, :data:`WORK_SQUARE_GPTQ` and :data:`WORK_SQUARE_OUTPUT_LOWRANK`);
 * a batch of samples on the device, and the activations of one block forward
   (:data:`ACTIVATION_FACTOR` x one sample's inputs);
 * the calibration cache: what fits the host budget stays in memory, the rest goes to disk.
@@ -32,6 +33,11 @@ WORK_WEIGHT = 8  # float32 [N, K] copies alive while a group is searched (W, W_h
 WORK_TOKENS = 5  # float32 [T, K] copies (x, the dtype-rounded x, x / lambda, its 4-bit value...)
 WORK_OUTPUTS = 3  # float32 [T, N] copies (reference outputs, the error, the check's outputs)
 WORK_WEIGHT_W4A16 = 4  # a W4A16 layer is rounded once: its weight, codes, dequantized weight
+# [K, K] float32 copies: GPTQ's Hessian, its damped / shrunk / inverted factors and the
+# per-column work (measured 6.5-8.1 copies at K = 1024 and 2048), and the output-aware low-rank
+# branch's activation whitening (2.8-3.4 copies); with K = 12288 (FLUX.1's fc2) one copy is 0.6 GB
+WORK_SQUARE_GPTQ = 8
+WORK_SQUARE_OUTPUT_LOWRANK = 4
 ACTIVATION_FACTOR = 8  # one block forward's live activations, in units of one sample's inputs
 
 _UNITS = {
@@ -185,8 +191,11 @@ def make_plan(
             tokens = config.calib_tokens
             r += tokens * (k * dsize + 4)
             copies = WORK_WEIGHT if group.kind == "w4a4" else WORK_WEIGHT_W4A16
+            square = WORK_SQUARE_GPTQ if config.gptq else 0
+            if group.kind == "w4a4" and config.rank and config.lowrank != "svd":
+                square += WORK_SQUARE_OUTPUT_LOWRANK
             w = max(w, 4 * (copies * n_total * k + WORK_TOKENS * tokens * k
-                            + WORK_OUTPUTS * tokens * n_total))  # fmt: skip
+                            + WORK_OUTPUTS * tokens * n_total + square * k * k))  # fmt: skip
             for name, (n, kk) in zip(group.names, shapes):
                 bias = getattr(model.get_submodule(name), "bias", None) is not None
                 unsigned = group.act_unsigned  # the bias absorbs the shift: a bias is stored
