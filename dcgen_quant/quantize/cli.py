@@ -158,23 +158,21 @@ def _source(spec: str, dtype) -> tuple[Any, Path | None, str]:
 
 
 def _model_source(directory: Path, spec: str):
-    """StreamSource of a diffusers model directory; a config that names no diffusers model
-    class, missing, truncated or foreign weight files: one ValueError naming --model."""
-    import diffusers
-
+    """StreamSource of a diffusers model directory; a bad config.json, missing, truncated or
+    foreign weight files: one ValueError naming --model."""
     from .streaming import StreamSource
+    from .weights import model_class_from_config
 
-    name = _json_object(directory / "config.json", spec).get("_class_name")
-    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and hasattr(cls, "from_config")):
-        raise ValueError(
-            f"--model {spec!r}: {directory.name}/config.json names {name!r}, not a diffusers "
-            "model class"
-        )
+    try:
+        cls, _ = model_class_from_config(directory)
+    except ValueError as exc:
+        raise ValueError(f"--model {spec!r}: {exc}") from None
     try:
         return StreamSource.from_directory(directory)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"--model {spec!r}: cannot load {name} from {directory}: {exc}") from None
+        raise ValueError(
+            f"--model {spec!r}: cannot load {cls.__name__} from {directory}: {exc}"
+        ) from None
 
 
 def _json_object(path: Path, spec: str) -> dict:

@@ -18,12 +18,10 @@ puts them back on meta.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,44 +187,31 @@ class ModuleWeights:
         return _digest(self.state)
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init); buffers stay real."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def meta_model(cls, config: dict[str, Any]) -> nn.Module:
     """``cls.from_config(config)`` with every parameter on the meta device, in eval mode."""
-    with _parameters_on_meta():
+    from ..checkpoint_model import parameters_on_meta
+
+    with parameters_on_meta():
         model = cls.from_config(config)
     return model.eval()
 
 
 def model_class_from_config(directory: Path) -> tuple[type, dict[str, Any]]:
-    """(diffusers class, config dict) named by ``directory/config.json``."""
+    """(diffusers class, config dict) named by ``directory/config.json``; ValueError (one line)
+    when it is not valid JSON, not an object, or names no diffusers model class."""
     import diffusers
 
+    path = directory / "config.json"
     try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{directory}/config.json is unreadable: {exc}") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{path.name} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path.name} holds a JSON {type(config).__name__}, not an object")
     name = config.get("_class_name")
-    cls = getattr(diffusers, str(name), None)
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and hasattr(cls, "from_config")):
-        raise ValueError(
-            f"--model {str(directory)!r}: config.json names {name!r}, not a diffusers model"
-        )
+        raise ValueError(f"{path.name} names {name!r}, not a diffusers model class")
     return cls, config
 
 
