@@ -1,7 +1,9 @@
 """Build script.
 
-Packages: `dcgen_quant` plus the top-level folders `kernels/` and `bench/`, installed as
-`dcgen_quant.kernels` and `dcgen_quant.bench` (DESIGN.md: no top-level `kernels` package).
+Packages: `dcgen_quant` (its Triton kernels in `dcgen_quant/kernels/`) plus the top-level folder
+`bench/`, installed as `dcgen_quant.bench`. No top-level folder may take the name of an installable
+package: a source checkout puts the repository root on sys.path, and a root `kernels/` once
+shadowed Hugging Face's `kernels` package, which transformers >= 5.25 imports.
 
 The CUDA library (csrc/) is built by csrc/setup_cuda.py when nvcc is present, for
 DCGEN_QUANT_CUDA_ARCHS (default 80;86;89;90a;120a); DCGEN_QUANT_SKIP_CUDA=1 skips it and the
@@ -17,7 +19,6 @@ from setuptools import Extension, find_packages, setup
 
 PACKAGE_DIRS = {
     "dcgen_quant": "dcgen_quant",
-    "dcgen_quant.kernels": "kernels",
     "dcgen_quant.bench": "bench",
 }
 

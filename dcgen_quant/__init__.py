@@ -21,13 +21,13 @@ import sys
 
 __version__ = "0.1.0"
 
-# The repository keeps kernels/ and bench/ at its top and installs them as dcgen_quant.kernels and
-# dcgen_quant.bench (setup.py). When this package is imported from a source checkout instead of
-# an installation (e.g. `python -m dcgen_quant` run in the repository root, where the checkout
-# shadows the installed copy), search the repository root for those two subpackages too.
+# The repository keeps bench/ at its top and installs it as dcgen_quant.bench (setup.py). When
+# this package is imported from a source checkout instead of an installation (e.g.
+# `python -m dcgen_quant` run in the repository root, where the checkout shadows the installed
+# copy), search the repository root for that subpackage too.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isfile(os.path.join(_ROOT, "setup.py")) and os.path.isfile(
-    os.path.join(_ROOT, "kernels", "__init__.py")
+    os.path.join(_ROOT, "bench", "__init__.py")
 ):
     __path__.append(_ROOT)  # noqa: F821 (the package's own __path__)
 

@@ -5,7 +5,7 @@ only, for torch.compile and the meta device), pure-torch reference impl (what ru
 the ground truth for kernels), and the dispatch to a backend on CUDA tensors:
 
 ``cuda``       csrc/ through the pybind11 module (:mod:`dcgen_quant.cuda_backend`);
-``triton``     kernels/ (:mod:`dcgen_quant.kernels`);
+``triton``     dcgen_quant/kernels/ (:mod:`dcgen_quant.kernels`);
 ``reference``  the pure-torch impl below, on any device.
 
 Select with ``DCGEN_QUANT_BACKEND`` or :func:`set_backend`; ``auto`` (default) takes the first

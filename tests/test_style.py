@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_DIRS = ("dcgen_quant", "kernels", "bench", "tests", "csrc", "examples")
+PROJECT_DIRS = ("dcgen_quant", "bench", "tests", "csrc", "examples")
 RUFF = shutil.which("ruff")
 needs_ruff = pytest.mark.skipif(RUFF is None, reason="ruff is not installed (test extra)")
 

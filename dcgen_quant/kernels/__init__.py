@@ -110,7 +110,7 @@ def _kernel_module(name: str):
     module = importlib.import_module(f"{__name__}.{name}")
     if capabilities.triton_interpret() != module.INTERPRETED:
         raise BackendUnsupported(
-            f"kernels/{name}.py was imported with TRITON_INTERPRET "
+            f"dcgen_quant/kernels/{name}.py was imported with TRITON_INTERPRET "
             f"{'set' if module.INTERPRETED else 'unset'}; it cannot change within a process"
         )
     return module
