@@ -29,9 +29,8 @@ from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text
 from ..checkpoint import FORMAT_NAME, INDEX_NAME, check_output, is_checkpoint_dir, tensor_crc32
-from ..checkpoint_files import save_safetensors
+from ..checkpoint_files import read_header, save_safetensors
 from .stream_state import file_sha256
-from .weights import read_header
 
 COPY_CHUNK = 64 * 2**20
 
@@ -80,15 +79,11 @@ def concat_safetensors(sources: list[Path], target: Path, metadata: dict[str, st
     caller writes a temporary), a chunk at a time. Raises ValueError on a duplicate key."""
     entries, seen = [], set()
     for src in sources:
-        header, start = read_header(src)
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
+        for key, e in read_header(src, "staged block")[0].items():
             if key in seen:
                 raise ValueError(f"tensor {key!r} is staged twice")
             seen.add(key)
-            begin, end = info["data_offsets"]
-            entries.append((key, info["dtype"], info["shape"], src, start + begin, end - begin))
+            entries.append((key, e.dtype_name, list(e.shape), src, e.start, e.end - e.start))
     header, offset = {"__metadata__": metadata}, 0
     for key, dtype, shape, _, _, size in entries:
         header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
@@ -130,8 +125,7 @@ def finalize(out: Path, staged: list[Path], metadata: dict[str, str]) -> Path:
         for i, src in enumerate(staged):
             name = f"model-{i + 1:05d}-of-{len(staged):05d}.safetensors"
             _link_or_copy(src, tmp / name)
-            header, _ = read_header(src)
-            weight_map.update({k: name for k in header if k != "__metadata__"})
+            weight_map.update({k: name for k in read_header(src, "staged block")[0]})
         index = {"metadata": metadata, "weight_map": weight_map}
         atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=1))
     return out

@@ -21,38 +21,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..checkpoint_files import read_header
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-
-# safetensors dtype names -> torch dtypes (the formats a diffusers checkpoint or ours can hold)
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-
-
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header dict, byte offset of the data) of a safetensors file; ValueError if unreadable."""
-    try:
-        with open(path, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > 100 * 2**20:
-                raise ValueError("header larger than 100 MiB")
-            header = json.loads(fh.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a readable safetensors file: header is not a dict")
-    return header, 8 + length
 
 
 class TensorFiles:
@@ -63,16 +41,12 @@ class TensorFiles:
         self.where: dict[str, Path] = {}
         self.info: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for file in files:
-            header, start = read_header(file)
-            for key, entry in header.items():
-                if key == "__metadata__":
-                    continue
-                dtype = ST_DTYPES.get(entry.get("dtype"))
-                if dtype is None:
-                    raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {entry!r}")
-                begin, end = entry["data_offsets"]
+            # the checkpoint reader's parser: a header that does not describe the file's bytes
+            # exactly (truncated, overlapping or unknown entries) is a one-line CheckpointError
+            entries, _ = read_header(file, "model weights")
+            for key, entry in entries.items():
                 self.where[key] = file
-                self.info[key] = (dtype, tuple(entry["shape"]), start + begin, start + end)
+                self.info[key] = (entry.dtype, entry.shape, entry.start, entry.end)
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -122,9 +96,10 @@ class TensorFiles:
         h = hashlib.sha256()
         for file in self.files:
             size = file.stat().st_size
-            header, start = read_header(file)
+            keys = [k for k, f in self.where.items() if f == file]
+            start = min((self.info[k][2] for k in keys), default=size)
             h.update(f"{file.name}:{size}".encode())
-            h.update(json.dumps(header, sort_keys=True).encode())
+            h.update(json.dumps({k: repr(self.info[k]) for k in sorted(keys)}).encode())
             with open(file, "rb") as fh:
                 span = max(size - start, 1)
                 for j in range(64):
