@@ -241,6 +241,8 @@ def run(args) -> dict[str, Any]:
     spec_base = {"config": BENCH_CONFIG, "threads": args.threads, **CALIB}
     result: dict[str, Any] = {"benchmark": NAME, "width": width, "config": BENCH_CONFIG,
                               "calibration": CALIB, "depths": [], "environment": {}}  # fmt: skip
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="quantize_scale-", dir=args.work_dir))
     try:
         if not args.ranks_only:
