@@ -14,20 +14,11 @@ import torch
 
 from dcgen_quant.cli import main
 
+from .cli_errors import one_line_error
 from .fuzz.mutate import Checkpoint, copy
 
 DATA = Path(__file__).resolve().parent / "data"
 TO_Q = "transformer_blocks.0.attn.to_q"
-
-
-def _one_line(capsys, *fragments) -> str:
-    err = capsys.readouterr().err.strip()
-    last = err.replace("\r", "\n").splitlines()[-1] if err else ""
-    assert last.startswith("error: ") and err.count("error: ") == 1, err
-    assert "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in last, err
-    return last
 
 
 def _unwritable(tmp_path: Path) -> Path:
@@ -91,7 +82,7 @@ def test_convert_reads_our_checkpoints_through_every_check(ours, tmp_path, capsy
         edit(ck)
     out = tmp_path / "nk.safetensors"
     assert _convert(ck.path, out) == 2
-    _one_line(capsys, *fragments)
+    one_line_error(capsys, *fragments)
     assert not out.exists()
 
 
@@ -102,14 +93,14 @@ def test_convert_refuses_bad_flags_and_outputs_before_any_work(ours, tmp_path, c
 
     monkeypatch.setattr("dcgen_quant.interop.nunchaku.exporter.plan_export", no_work)
     assert _convert(ours, tmp_path / "nk.safetensors", "--latent-patch-size", "0") == 2
-    _one_line(capsys, "--latent-patch-size", ">= 1")
+    one_line_error(capsys, "--latent-patch-size", ">= 1")
     assert _convert(ours, _unwritable(tmp_path) / "nk.safetensors") == 2
-    _one_line(capsys, "not writable")
+    one_line_error(capsys, "not writable")
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
     for target in ("nunchaku", "dcgen_quant"):  # never opened (it would block)
         assert main(["convert", str(fifo), str(tmp_path / "x.safetensors"), "--to", target]) == 2
-        _one_line(capsys, "pipe.safetensors")
+        one_line_error(capsys, "pipe.safetensors")
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +128,7 @@ def test_evaluate_refuses_bad_flags_before_any_work(tmp_path, capsys, monkeypatc
     argv = ["evaluate", "--model", "tiny-flux", "--prompts", str(prompts),
             "--out", str(tmp_path / "ev"), *extra]  # fmt: skip
     assert main(argv) == 2
-    _one_line(capsys, fragment)
+    one_line_error(capsys, fragment)
 
 
 def test_bench_measured_checks_its_output_before_measuring(tmp_path, capsys, monkeypatch):
@@ -147,9 +138,9 @@ def test_bench_measured_checks_its_output_before_measuring(tmp_path, capsys, mon
     monkeypatch.setattr("dcgen_quant.bench.measured.measure", no_work)
     argv = ["bench", "table", "--measured", "--tiny", "--out", str(_unwritable(tmp_path))]
     assert main(argv) == 2
-    _one_line(capsys, "not writable")
+    one_line_error(capsys, "not writable")
     assert main(["bench", "table", "--measured", "--tiny", "--budget-s", "-1"]) == 2
-    _one_line(capsys, "--budget-s")
+    one_line_error(capsys, "--budget-s")
 
 
 @pytest.mark.parametrize(
@@ -166,5 +157,5 @@ def test_adapt_refuses_numbers_out_of_range_before_any_work(tmp_path, capsys, mo
 
     monkeypatch.setattr("dcgen_quant.adapt.cli._run_demo", no_work)
     assert main(["adapt", "--demo", "--out", str(tmp_path / "a"), *extra]) == 2
-    _one_line(capsys, fragment)
+    one_line_error(capsys, fragment)
     assert not (tmp_path / "a").exists()

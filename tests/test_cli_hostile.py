@@ -21,21 +21,11 @@ import dcgen_quant.quantize.streaming as streaming_module
 from dcgen_quant.cli import main
 from dcgen_quant.models.tiny import tiny_flux, tiny_sana
 
+from .cli_errors import one_line_error
+
 CHEAP = ["--rank", "4", "--calib-samples", "1", "--steps", "1", "--threads", "1"]
 SPILL = ["--calib-cache", "disk"]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _one_line(capsys, *fragments) -> str:
-    """The command ended with one line ``error: ...`` naming ``fragments`` (progress bars and
-    warnings may come before it), and no traceback."""
-    err = capsys.readouterr().err.strip()
-    last = err.replace("\r", "\n").splitlines()[-1] if err else ""
-    assert last.startswith("error: ") and err.count("error: ") == 1, err
-    assert "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in last, err
-    return last
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +90,7 @@ def test_damaged_resume_state_is_named_and_never_becomes_a_checkpoint(
     shutil.copytree(interrupted, partial)
     damage(partial)
     assert main(["quantize", *CHEAP, *SPILL, "--out", str(out), "--resume"]) == 2
-    _one_line(capsys, file, "without --resume")
+    one_line_error(capsys, file, "without --resume")
     assert not out.exists()
 
 
@@ -111,13 +101,13 @@ def test_damaged_resume_state_is_named_and_never_becomes_a_checkpoint(
 def test_rank_above_what_the_layers_hold_is_refused_not_clamped(tmp_path, capsys):
     out = tmp_path / "q.safetensors"
     assert main(["quantize", *CHEAP, "--rank", "100000", "--out", str(out)]) == 2
-    _one_line(capsys, "--rank 100000", "min(N, K) = 256")
+    one_line_error(capsys, "--rank 100000", "min(N, K) = 256")
     assert not out.exists()
 
 
 @pytest.mark.parametrize("argv", [["quantize", *CHEAP], ["generate", "--model", "x", "--prompt",
                                                          "p", "--out", "o"]])  # fmt: skip
-def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys, argv):
+def test_device_cuda_without_cuda_isone_line_error(tmp_path, capsys, argv):
     from dcgen_quant.capabilities import cuda_unavailable
 
     if cuda_unavailable() is None:
@@ -126,9 +116,9 @@ def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys, argv):
     if argv[0] == "generate":
         (tmp_path / "x").mkdir()
     assert main([*argv, "--device", "cuda"]) == 2
-    _one_line(capsys, "--device cuda", "CPU-only")
+    one_line_error(capsys, "--device cuda", "CPU-only")
     assert main([*argv, "--device", "tpu:7"]) == 2
-    _one_line(capsys, "--device 'tpu:7'")
+    one_line_error(capsys, "--device 'tpu:7'")
 
 
 def _weights(path: Path) -> Path:
@@ -148,13 +138,13 @@ def _weights(path: Path) -> Path:
          "the pipeline has no transformer"),
     ],
 )  # fmt: skip
-def test_bad_model_directories_are_one_line(tmp_path, capsys, make, fragment):
+def test_bad_model_directories_areone_line_error(tmp_path, capsys, make, fragment):
     model_dir = tmp_path / "m"
     tiny_sana().save_pretrained(model_dir)
     make(model_dir)
     out = tmp_path / "q.safetensors"
     assert main(["quantize", *CHEAP, "--model", str(model_dir), "--out", str(out)]) == 2
-    _one_line(capsys, f"--model {str(model_dir)!r}", fragment)
+    one_line_error(capsys, f"--model {str(model_dir)!r}", fragment)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,10 +170,10 @@ def test_unwritable_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("dcgen_quant.quantize.streaming.quantize_streaming", no_work)
     out = _unwritable(tmp_path)
     assert main(["quantize", *CHEAP, "--out", str(out)]) == 2
-    _one_line(capsys, "not writable")
+    one_line_error(capsys, "not writable")
 
 
-def test_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+def test_full_disk_isone_line_error(tmp_path, capsys, monkeypatch):
     """safetensors reports ENOSPC as a SafetensorError; the command says the disk is full."""
     from safetensors import SafetensorError
 
@@ -198,7 +188,7 @@ def test_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
                 monkeypatch.setattr(module, "save_file", full)
     out = tmp_path / "q.safetensors"
     assert main(["quantize", *CHEAP, "--out", str(out)]) == 2
-    _one_line(capsys, "no space left", str(out))
+    one_line_error(capsys, "no space left", str(out))
     assert not out.exists() and not list(tmp_path.glob(".q.safetensors.tmp-*"))
 
 
@@ -244,7 +234,7 @@ def test_generate_refuses_to_write_images_from_a_nan_model(tmp_path, capsys):
             "--prompt", "a cat", "--out", str(tmp_path / "img"), "--resolution", "64",
             "--steps", "2"]  # fmt: skip
     assert main(argv) == 2
-    _one_line(capsys, "NaN/Inf")
+    one_line_error(capsys, "NaN/Inf")
     assert not list(tmp_path.glob("img/*.png"))
 
 

@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file
 
 from .mutate import Checkpoint, copy
+from .report import report
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 GOOD = ("refused", "loaded, equal")
@@ -615,26 +616,11 @@ def run(seed: int = 0, classes=None, timeout: float = 30.0) -> list[Result]:
     return results
 
 
-def summary(results: list[Result]) -> list[dict]:
-    rows: dict[str, dict] = {}
-    for r in results:
-        row = rows.setdefault(r.case.cls, {"class": r.case.cls, "cases": 0, "seconds": 0.0})
-        row["cases"] += 1
-        row[r.outcome] = row.get(r.outcome, 0) + 1
-        row["seconds"] += r.seconds
-    total = {"class": "all", "cases": len(results), "seconds": sum(r.seconds for r in results)}
-    for r in results:
-        total[r.outcome] = total.get(r.outcome, 0) + 1
-    return [*rows.values(), total]
-
-
 OUTCOMES = ("refused", "loaded, equal", "silent wrong load", "traceback", "hang", "disagree",
             "vague error", "late failure")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dcgen_quant.tables import emit
-
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz.checkpoints", description=__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classes", help="comma-separated class names (default: all)")
@@ -644,15 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     classes = args.classes.split(",") if args.classes else None
     results = run(args.seed, classes, args.timeout)
-    rows = summary(results)
-    columns = [("class", "class", None), ("cases", "cases", None)]
-    columns += [(o, o, None) for o in OUTCOMES if any(o in r for r in rows)]
-    columns += [("seconds", "seconds", ".1f")]
-    emit(rows, columns, args.json, title=f"hostile checkpoints, seed {args.seed}")
-    bad = [r for r in results if r.outcome not in GOOD]
-    for r in results if args.show else bad:
-        print(f"{r.outcome}: {r.case.cls}: {r.case.name}: {r.detail}", file=sys.stderr)
-    return 1 if bad else 0
+    return report(
+        results, OUTCOMES, GOOD, f"hostile checkpoints, seed {args.seed}", args.json, args.show
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import VAGUE, _Timeout, time_bound
+from .report import report
 
 GOOD = ("refused", "loaded, equal", "loaded, other values")
 OUTCOMES = ("refused", "loaded, equal", "loaded, other values", "traceback", "hang", "disagree",
@@ -485,21 +486,7 @@ def run(seed: int = 0, timeout: float = 30.0, sample: int | None = None) -> list
     return results
 
 
-def summary(results: list[Result]) -> list[dict]:
-    rows: dict[str, dict] = {}
-    total = {"class": "all", "cases": 0, "seconds": 0.0}
-    for r in results:
-        row = rows.setdefault(r.case.cls, {"class": r.case.cls, "cases": 0, "seconds": 0.0})
-        for target in (row, total):
-            target["cases"] += 1
-            target[r.outcome] = target.get(r.outcome, 0) + 1
-            target["seconds"] += r.seconds
-    return [*rows.values(), total]
-
-
 def main(argv: list[str] | None = None) -> int:
-    from dcgen_quant.tables import emit
-
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz.foreign", description=__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per case")
@@ -507,15 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", action="store_true", help="print every case's outcome")
     args = parser.parse_args(argv)
     results = run(args.seed, args.timeout)
-    rows = summary(results)
-    columns = [("class", "class", None), ("cases", "cases", None)]
-    columns += [(o, o, None) for o in OUTCOMES if any(o in r for r in rows)]
-    columns += [("seconds", "seconds", ".1f")]
-    emit(rows, columns, args.json, title=f"hostile foreign checkpoints, seed {args.seed}")
-    bad = [r for r in results if r.outcome not in GOOD]
-    for r in results if args.show else bad:
-        print(f"{r.outcome}: {r.case.cls}: {r.case.name}: {r.detail}", file=sys.stderr)
-    return 1 if bad else 0
+    return report(
+        results,
+        OUTCOMES,
+        GOOD,
+        f"hostile foreign checkpoints, seed {args.seed}",
+        args.json,
+        args.show,
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .checkpoints import CLASSES, GOOD, Case, generate, make_bases, run_case, summary
+from .checkpoints import CLASSES, GOOD, Case, generate, make_bases, run_case
 from .mutate import Checkpoint, header_span
+from .report import summary
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60.0  # per case (a CI machine may be slow; the cases take well under a second)
