@@ -36,7 +36,9 @@ def hessian(x: torch.Tensor, shrink: float = 0.0) -> torch.Tensor:
     """``H = 2 X^T X / T`` of calibration inputs ``x`` [T, K] -> [K, K] float64, shrunk toward
     its diagonal: ``(1 - shrink) H + shrink diag(H)``."""
     xd = x.double()
-    h = (2.0 / max(xd.shape[0], 1)) * (xd.t() @ xd)
+    h = xd.t() @ xd
+    del xd
+    h.mul_(2.0 / max(x.shape[0], 1))  # in place: one [K, K] float64 alive, not two
     if shrink > 0:
         diag = h.diagonal().clone()
         h.mul_(1.0 - shrink)
@@ -60,17 +62,20 @@ def shrinkage(x: torch.Tensor) -> float:
     # float32 products (an estimate needs no more), float64 sums
     rms = x.double().square().mean(dim=0).sqrt()
     z = (x.double() / torch.where(rms > 0, rms, torch.ones_like(rms))).float()
-    r = ((z.t() @ z) / t).double()
-    z2 = z.square()
-    fourth = (z2.t() @ z2).double()  # sum_t z_ti^2 z_tj^2
 
     def off_diagonal_sum(m: torch.Tensor) -> float:
         return float(m.sum() - m.diagonal().sum())
 
+    # one [K, K] matrix at a time (each freed before the next is made): the working set stays
+    # at two float64 [K, K] copies, which matters at FLUX.1's K = 15360 (1.9 GB a copy)
+    r = (z.t() @ z).div_(t).double()
     r2 = off_diagonal_sum(r.square())
+    del r
     if r2 <= 0:
         return 1.0
-    var = (off_diagonal_sum(fourth) - t * r2) / (t * (t - 1))
+    z.square_()
+    fourth = off_diagonal_sum((z.t() @ z).double())  # sum_t z_ti^2 z_tj^2
+    var = (fourth - t * r2) / (t * (t - 1))
     return min(max(var / r2, 0.0), 1.0)
 
 
@@ -123,27 +128,60 @@ def _round_column(col: torch.Tensor, div: torch.Tensor, fmt: str):
     return codes, e2m1_decode(codes) * div
 
 
+def inverse_factor(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ's error-propagation matrix [K, K] float32: the upper Cholesky factor of
+    ``(H + damp mean(diag H) I)^-1``, from a Hessian ``h`` [K, K] float64 that it **overwrites**
+    (pass a copy to keep it; pass the only reference, as a call's result, to let it be freed
+    early). Channels never active in calibration (zero diagonal) get a unit diagonal first.
+
+    It depends on the Hessian alone, so the members of a group share one. Every intermediate is
+    released as soon as the next exists: at most two float64 [K, K] matrices are alive at once
+    (four float32 copies' worth; K = 15360, FLUX.1's single-block output, is 0.9 GB a copy).
+    """
+    k = h.shape[0]
+    if h.dim() != 2 or h.shape[1] != k:
+        raise ValueError(f"hessian must be square [K, K], got {tuple(h.shape)}")
+    if damp <= 0:
+        raise ValueError(f"damp must be > 0, got damp={damp}")
+    if h.dtype != torch.float64:
+        raise ValueError(f"hessian must be float64, got {h.dtype}")
+    dead = torch.diag(h) == 0  # channels never active in calibration: nothing to compensate
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diag(h).mean()))
+    factor = torch.linalg.cholesky(h)
+    del h  # the caller's reference may keep it; this function no longer needs it
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    upper = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
+    return upper.float()
+
+
 def gptq_quantize(
     residual: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | None,
     fmt: str,
     dtype: torch.dtype,
     damp: float = 0.01,
     block: int = 128,
     tensor_scale: torch.Tensor | None = None,
+    hinv: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ of ``residual`` [N, K] against Hessian ``h`` [K, K] into the canonical format.
 
     Parameters
     ----------
     residual : Tensor [N, K], float32
-    h : Tensor [K, K], float64 (:func:`hessian` of the smoothed calibration inputs)
+    h : Tensor [K, K], float64 (:func:`hessian` of the smoothed calibration inputs; not
+        modified), or None when ``hinv`` is given
     fmt : "int4" | "nvfp4"
     dtype : INT4 scale dtype (the layer's 16-bit dtype)
     damp : float; ``damp * mean(diag(H))`` is added to the diagonal (reference 0.01)
     block : int; columns per lazy-update block (reference 128)
     tensor_scale : NVFP4 tensor scale to use instead of the residual's own (see
         :func:`dcgen_quant.formats.quantize_weight`)
+    hinv : Tensor [K, K] float32, :func:`inverse_factor` of the damped Hessian, computed once
+        for the members of a group (then ``h`` and ``damp`` are not used)
 
     Returns
     -------
@@ -151,20 +189,17 @@ def gptq_quantize(
     """
     spec = get_format(fmt)
     n, k = residual.shape
-    if tuple(h.shape) != (k, k):
-        raise ValueError(f"hessian must be [K, K]=[{k}, {k}], got {tuple(h.shape)}")
+    given = hinv if hinv is not None else h
+    if given is None or tuple(given.shape) != (k, k):
+        shape = None if given is None else tuple(given.shape)
+        raise ValueError(f"hessian must be [K, K]=[{k}, {k}], got {shape}")
     if damp <= 0 or block < 1:
         raise ValueError(f"damp must be > 0 and block >= 1, got damp={damp}, block={block}")
     rtn = quantize_weight(residual, fmt, dtype, tensor_scale)
     div_groups = _divisors(rtn)  # [N, K/G]
-
-    h = h.double().clone()
-    dead = torch.diag(h) == 0  # channels never active in calibration: nothing to compensate
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * float(torch.diag(h).mean()))
-    # Upper Cholesky factor of H^-1: row i holds the error-propagation weights of column i.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    hinv = hinv.float()
+    if hinv is None:
+        # Upper Cholesky factor of H^-1: row i holds the error-propagation weights of column i.
+        hinv = inverse_factor(h.double().clone(), damp)
 
     w = residual.float().clone()
     code_dtype = torch.int8 if spec.name == "int4" else torch.uint8

@@ -33,7 +33,7 @@ from ..formats.int4 import pack_int4, unpack_int4
 from ..formats.nvfp4 import nvfp4_tensor_scale
 from ..nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
 from .config import QuantConfig
-from .gptq import fitted_hessian, gptq_quantize
+from .gptq import fitted_hessian, gptq_quantize, inverse_factor
 from .holdout import split_heldout
 from .lowrank import activation_whitener
 from .report import LayerReport, QuantReport
@@ -255,13 +255,13 @@ def _quantize_residuals(problem, judge, result: SearchResult, splits, config, us
     # asked for in-sample judging); with too few tokens to hold any out, it is not tried
     if not use_gptq or (judge is problem and config.holdout > 0):
         return rtn, None
-    h, _ = fitted_hessian(problem.x / result.smooth, config.gptq_shrink)
-    gptq = [
-        gptq_quantize(
-            p, h, config.format, config.dtype, config.gptq_damp, config.gptq_block, shared
-        )
-        for p in parts
-    ]
+    # one factor for every member; the Hessian is handed over as a call's result (no name holds
+    # it), so inverse_factor frees it before its last two float64 [K, K] steps
+    hinv = inverse_factor(
+        fitted_hessian(problem.x / result.smooth, config.gptq_shrink)[0], config.gptq_damp
+    )
+    args = (config.format, config.dtype, config.gptq_damp, config.gptq_block, shared)
+    gptq = [gptq_quantize(p, None, *args, hinv=hinv) for p in parts]
     return rtn, gptq
 
 
@@ -506,10 +506,13 @@ def quantize_weight_only(
     rtn = build(quantize_weight(spec.weight, fmt, config.dtype))
     module, used_gptq = rtn, False
     if config.gptq and (x_heldout is not None or config.holdout == 0):  # as _quantize_residuals
-        h, _ = fitted_hessian(x_fit.to(config.dtype).float(), config.gptq_shrink)
-        cand = build(
-            gptq_quantize(spec.weight, h, fmt, config.dtype, config.gptq_damp, config.gptq_block)
+        hinv = inverse_factor(  # the Hessian handed over, as in _quantize_residuals
+            fitted_hessian(x_fit.to(config.dtype).float(), config.gptq_shrink)[0], config.gptq_damp
         )
+        qw = gptq_quantize(spec.weight, None, fmt, config.dtype, config.gptq_damp,
+                           config.gptq_block, hinv=hinv)  # fmt: skip
+        del hinv
+        cand = build(qw)
         if relative_error(cand, spec, x_judge) < relative_error(rtn, spec, x_judge):
             module, used_gptq = cand, True
     report = LayerReport(

@@ -33,10 +33,12 @@ WORK_WEIGHT = 8  # float32 [N, K] copies alive while a group is searched (W, W_h
 WORK_TOKENS = 5  # float32 [T, K] copies (x, the dtype-rounded x, x / lambda, its 4-bit value...)
 WORK_OUTPUTS = 3  # float32 [T, N] copies (reference outputs, the error, the check's outputs)
 WORK_WEIGHT_W4A16 = 4  # a W4A16 layer is rounded once: its weight, codes, dequantized weight
-# [K, K] float32 copies: GPTQ's Hessian, its damped / shrunk / inverted factors and the
-# per-column work (measured 6.5-8.1 copies at K = 1024 and 2048), and the output-aware low-rank
-# branch's activation whitening (2.8-3.4 copies); with K = 12288 (FLUX.1's fc2) one copy is 0.6 GB
-WORK_SQUARE_GPTQ = 8
+# [K, K] float32 copies: GPTQ's shrinkage estimate, Hessian and inverse factor (peak RSS over the
+# step, `python -m dcgen_quant.bench.gptq_memory --k 2048 4096`: 4.4-4.7 copies at K = 4096, 6.1
+# at K = 2048 where glibc keeps freed blocks; 8.8 before each matrix was freed as soon as the next
+# existed), and the output-aware low-rank branch's activation whitening (2.8-3.4 copies); with
+# K = 12288 (FLUX.1's fc2) one copy is 0.6 GB
+WORK_SQUARE_GPTQ = 5
 WORK_SQUARE_OUTPUT_LOWRANK = 4
 ACTIVATION_FACTOR = 8  # one block forward's live activations, in units of one sample's inputs
 
