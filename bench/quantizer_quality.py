@@ -18,6 +18,8 @@ Variants (QuantConfig fields; docs/QUANTIZE.md):
 - ``gptq``: held-out scoring + GPTQ with the shrunk Hessian, kept where held-out error falls;
 - ``output``: held-out scoring + output-aware low-rank steps, no GPTQ;
 - ``default``: ``QuantConfig()``: held-out scoring, output-aware low-rank, GPTQ;
+- ``clip``: the default plus clipped group scales (``clip=True``, ``--clip-search``), kept where
+  the held-out error falls;
 - ``rank-alloc`` (tiny FLUX only): the default with per-layer ranks (multiples of 16) chosen by
   held-out error per byte under the uniform rank-32 budget.
 
@@ -62,10 +64,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gptq": {"lowrank": "svd", "gptq": True},
     "output": {"lowrank": "auto", "gptq": False},
     "default": {},
+    "clip": {"clip": True},
     "rank-alloc": {"rank_alloc": True},
 }
-LAYER_VARIANTS = ("baseline", "baseline+gptq", "heldout", "gptq", "output", "default")
-MODEL_VARIANTS = ("baseline", "baseline+gptq", "heldout", "gptq", "output", "default", "rank-alloc")
+LAYER_VARIANTS = ("baseline", "baseline+gptq", "heldout", "gptq", "output", "default", "clip")
+MODEL_VARIANTS = ("baseline", "baseline+gptq", "heldout", "gptq", "output", "default", "clip",
+                  "rank-alloc")  # fmt: skip
 TIMED = ("baseline", "default")  # repeated; the others run once
 
 

@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default; --no-gptq: round-to-nearest everywhere)",
     )  # fmt: skip
     parser.add_argument(
+        "--clip-search", action="store_true",
+        help="also try clipped group scales for the 4-bit residual (per group, the one that "
+        "minimizes its output-weighted rounding error), kept per layer where the held-out error "
+        "falls",
+    )  # fmt: skip
+    parser.add_argument(
         "--lowrank", choices=("auto", "svd", "output"), default="auto",
         help="low-rank branch: svd (of the smoothed weight), output (output-aware), auto "
         "(svd, then output-aware steps while they lower the held-out error; default)",
@@ -280,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
         smooth_grid=args.smooth_grid, lowrank_iters=args.lowrank_iters,
         calib_tokens=args.calib_tokens, search_tokens=min(1024, args.calib_tokens),
         lowrank=args.lowrank, holdout=args.holdout, rank_alloc=args.rank_alloc,
+        clip=args.clip_search,
     )  # fmt: skip
     if args.prompts is not None and not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file not found: {args.prompts}")

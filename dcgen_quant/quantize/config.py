@@ -38,6 +38,11 @@ class QuantConfig:
     (round-to-nearest otherwise). Its Hessian is shrunk toward its diagonal (``gptq_shrink``), so
     that it generalizes from fewer tokens than input features. With ``holdout=0`` it is kept
     where it lowers the error on the calibration tokens (which overfits: docs/QUANTIZE.md)."""
+    clip: bool = False
+    """Also try clipped weight scales for the 4-bit residual: per group, the scale of the
+    fraction of its largest magnitude (0.5-1.0) that minimizes the group's output-weighted
+    rounding error (:mod:`.clip`); GPTQ then rounds with those scales. Kept per layer only
+    where the held-out error falls, like GPTQ."""
     smooth_grid: int = 20
     """Grid points per exponent in [0, 1] for the (alpha, beta) search."""
     lowrank_iters: int = 8

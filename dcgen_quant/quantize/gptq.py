@@ -166,6 +166,7 @@ def gptq_quantize(
     block: int = 128,
     tensor_scale: torch.Tensor | None = None,
     hinv: torch.Tensor | None = None,
+    scales: QuantizedWeight | None = None,
 ) -> QuantizedWeight:
     """GPTQ of ``residual`` [N, K] against Hessian ``h`` [K, K] into the canonical format.
 
@@ -182,10 +183,13 @@ def gptq_quantize(
         :func:`dcgen_quant.formats.quantize_weight`)
     hinv : Tensor [K, K] float32, :func:`inverse_factor` of the damped Hessian, computed once
         for the members of a group (then ``h`` and ``damp`` are not used)
+    scales : a QuantizedWeight of ``residual`` whose scales to round with (e.g. clipped ones,
+        :mod:`.clip`); default: round-to-nearest's own
 
     Returns
     -------
-    QuantizedWeight with qweight [N, K/2] uint8 and the round-to-nearest scales of ``residual``.
+    QuantizedWeight with qweight [N, K/2] uint8 and the scales of ``scales`` (default: the
+    round-to-nearest scales of ``residual``).
     """
     spec = get_format(fmt)
     n, k = residual.shape
@@ -195,7 +199,7 @@ def gptq_quantize(
         raise ValueError(f"hessian must be [K, K]=[{k}, {k}], got {shape}")
     if damp <= 0 or block < 1:
         raise ValueError(f"damp must be > 0 and block >= 1, got damp={damp}, block={block}")
-    rtn = quantize_weight(residual, fmt, dtype, tensor_scale)
+    rtn = scales if scales is not None else quantize_weight(residual, fmt, dtype, tensor_scale)
     div_groups = _divisors(rtn)  # [N, K/G]
     if hinv is None:
         # Upper Cholesky factor of H^-1: row i holds the error-propagation weights of column i.

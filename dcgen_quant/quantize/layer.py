@@ -32,6 +32,7 @@ from ..formats import (
 from ..formats.int4 import pack_int4, unpack_int4
 from ..formats.nvfp4 import nvfp4_tensor_scale
 from ..nn import SVDQConv1x1, SVDQLinear, SVDQSplitLinear, W4A16Conv1x1, W4A16Linear
+from .clip import clip_factors, quantize_clipped
 from .config import QuantConfig
 from .gptq import fitted_hessian, gptq_quantize, inverse_factor
 from .holdout import split_heldout
@@ -239,9 +240,11 @@ def relative_error(module: nn.Module, spec: LinearSpec, x: torch.Tensor) -> floa
 # the group quantizer
 
 
-def _quantize_residuals(problem, judge, result: SearchResult, splits, config, use_gptq: bool):
-    """Per-member QuantizedWeight of the residual by round-to-nearest, and by GPTQ (Hessian of
-    the fitting tokens) when it is to be tried (else None).
+def _quantize_residuals(problem, judge, result: SearchResult, splits, config, alternatives: bool):
+    """Per-member QuantizedWeight of the residual by round-to-nearest, and the alternatives to
+    try against it: ``{"clip": clipped scales (config.clip), "gptq": GPTQ codes (config.gptq,
+    with the clipped scales when config.clip)}``, each a list over members (empty when
+    ``alternatives`` is False or nothing could judge them).
 
     NVFP4 members of a group share one tensor scale (that of the whole residual), so that the
     group can run as one concatenated GEMM (:mod:`dcgen_quant.fusion`).
@@ -251,31 +254,46 @@ def _quantize_residuals(problem, judge, result: SearchResult, splits, config, us
     if len(parts) > 1 and get_format(config.format).has_tensor_scale:
         shared = nvfp4_tensor_scale(result.residual)
     rtn = [quantize_weight(p, config.format, config.dtype, shared) for p in parts]
-    # GPTQ is kept only where tokens it was not fitted on confirm it (with holdout=0, the user
-    # asked for in-sample judging); with too few tokens to hold any out, it is not tried
-    if not use_gptq or (judge is problem and config.holdout > 0):
-        return rtn, None
-    # one factor for every member; the Hessian is handed over as a call's result (no name holds
-    # it), so inverse_factor frees it before its last two float64 [K, K] steps
-    hinv = inverse_factor(
-        fitted_hessian(problem.x / result.smooth, config.gptq_shrink)[0], config.gptq_damp
-    )
-    args = (config.format, config.dtype, config.gptq_damp, config.gptq_block, shared)
-    gptq = [gptq_quantize(p, None, *args, hinv=hinv) for p in parts]
-    return rtn, gptq
+    # an alternative is kept only where tokens it was not fitted on confirm it (with holdout=0,
+    # the user asked for in-sample judging); with too few tokens to hold any out, none is tried
+    if not alternatives or (judge is problem and config.holdout > 0):
+        return rtn, {}
+    found: dict[str, list[QuantizedWeight]] = {}
+    rounding = rtn
+    if config.clip:
+        d = (problem.x / result.smooth).square().mean(dim=0)  # [K] what the output feels
+        rounding = [
+            quantize_clipped(p, clip_factors(p, d, config.format, config.dtype, shared),
+                             config.format, config.dtype, shared)
+            for p in parts
+        ]  # fmt: skip
+        found["clip"] = rounding
+    if config.gptq:
+        # one factor for every member; the Hessian is handed over as a call's result (no name
+        # holds it), so inverse_factor frees it before its last two float64 [K, K] steps
+        hinv = inverse_factor(
+            fitted_hessian(problem.x / result.smooth, config.gptq_shrink)[0], config.gptq_damp
+        )
+        args = (config.format, config.dtype, config.gptq_damp, config.gptq_block, shared)
+        found["gptq"] = [
+            gptq_quantize(p, None, *args, hinv=hinv, scales=r) for p, r in zip(parts, rounding)
+        ]
+    return rtn, found
 
 
-def _w4a4_modules(problem, judge, result, specs, splits, config, use_gptq, x_judge=None):
-    """Runtime modules of a group and, per member, whether GPTQ chose its codes.
+def _w4a4_modules(problem, judge, result, specs, splits, config, alternatives, x_judge=None):
+    """Runtime modules of a group and, per member, which residual it kept: None (round to
+    nearest), "clip" or "gptq" (:func:`_quantize_residuals`).
 
     GPTQ minimizes the error against unquantized activations on the fitting tokens; with 4-bit
-    activations, or fewer tokens than inputs, it can lose to round-to-nearest. So each member
-    keeps GPTQ's codes only where its runtime module has the lower relative output error on
-    ``x_judge`` (the held-out tokens; default ``judge.x``), the very error the report gives: a
-    member's error depends only on its own rows of the residual, so the members of a fused group
-    (q/k/v) are decided one by one and GPTQ never raises a member's held-out error.
+    activations, or fewer tokens than inputs, it can lose to round-to-nearest, and so can
+    clipped scales. So each member keeps an alternative only where its runtime module has the
+    lower relative output error on ``x_judge`` (the held-out tokens; default ``judge.x``), the
+    very error the report gives: a member's error depends only on its own rows of the residual,
+    so the members of a fused group (q/k/v) are decided one by one and no alternative ever
+    raises a member's held-out error.
     """
-    rtn, gptq = _quantize_residuals(problem, judge, result, splits, config, use_gptq)
+    rtn, found = _quantize_residuals(problem, judge, result, splits, config, alternatives)
     ups = result.proj_up.split(splits, dim=0) if result.proj_up is not None else [None] * len(rtn)
 
     def build(spec, qw, up):
@@ -284,13 +302,16 @@ def _w4a4_modules(problem, judge, result, specs, splits, config, use_gptq, x_jud
         )
 
     modules = [build(spec, qw, up) for spec, qw, up in zip(specs, rtn, ups)]
-    kept = [False] * len(specs)
-    if gptq is not None:
+    kept: list[str | None] = [None] * len(specs)
+    if found:
         x_judge = judge.x if x_judge is None else x_judge
-        for i, (spec, qw, up) in enumerate(zip(specs, gptq, ups)):
-            candidate = build(spec, qw, up)
-            if relative_error(candidate, spec, x_judge) < relative_error(modules[i], spec, x_judge):
-                modules[i], kept[i] = candidate, True
+        for i, (spec, up) in enumerate(zip(specs, ups)):
+            best = relative_error(modules[i], spec, x_judge)
+            for label, weights in found.items():
+                candidate = build(spec, weights[i], up)
+                err = relative_error(candidate, spec, x_judge)
+                if err < best:
+                    modules[i], kept[i], best = candidate, label, err
     return modules, kept
 
 
@@ -377,9 +398,7 @@ def quantize_group(
             problem, result, whitener, config.lowrank_iters, config.svd, generator, judge
         )
     x_judge = x_fit if x_heldout is None else x_heldout
-    modules, used_gptq = _w4a4_modules(
-        problem, judge, result, specs, splits, config, config.gptq, x_judge
-    )
+    modules, kept = _w4a4_modules(problem, judge, result, specs, splits, config, True, x_judge)
 
     naive = smooth_only = [None] * len(specs)
     if baselines:
@@ -389,15 +408,14 @@ def quantize_group(
     seconds = (time.perf_counter() - start) / len(specs)
     group = [s.name for s in specs] if len(specs) > 1 else None
     out = []
-    for spec, module, e_naive, e_smooth, kept_gptq in zip(
-        specs, modules, naive, smooth_only, used_gptq
-    ):
+    for spec, module, e_naive, e_smooth, choice in zip(specs, modules, naive, smooth_only, kept):
         report = LayerReport(
             name=spec.name, kind="w4a4", module=type(module).__name__,
             out_features=spec.out_features, in_features=k, bias=module.bias is not None,
             rank=rank, group=group, act_unsigned=act_unsigned, alpha=result.alpha, beta=result.beta,
             lowrank_iters=result.svd_count, lowrank=result.lowrank if rank else None,
-            gptq=kept_gptq, err_rtn=e_naive, err_smooth=e_smooth,
+            gptq=choice == "gptq", clip=choice == "clip" or (choice == "gptq" and config.clip),
+            err_rtn=e_naive, err_smooth=e_smooth,
             err_svdq=relative_error(module, spec, x_fit),
             err_heldout=_heldout_error(module, spec, x_heldout), calib_tokens=x.shape[0],
             heldout_tokens=0 if x_heldout is None else x_heldout.shape[0], seconds=seconds,
@@ -461,7 +479,7 @@ def quantize_split(
         name=spec.name, kind="w4a4", module=type(module).__name__, out_features=n,
         in_features=k, bias=spec.bias is not None, rank=max(r0.rank, r1.rank),
         split_at=split_at, lowrank_iters=r0.lowrank_iters + r1.lowrank_iters, lowrank=lowrank,
-        gptq=r0.gptq or r1.gptq, err_rtn=naive, err_smooth=smooth_only,
+        gptq=r0.gptq or r1.gptq, clip=r0.clip or r1.clip, err_rtn=naive, err_smooth=smooth_only,
         err_svdq=relative_error(module, spec, x_fit),
         err_heldout=_heldout_error(module, spec, x_heldout), calib_tokens=x.shape[0],
         heldout_tokens=r0.heldout_tokens, seconds=time.perf_counter() - start,

@@ -60,6 +60,9 @@ class LayerReport:
     or "output" (output-aware steps lowered the held-out error further); None without a branch."""
     gptq: bool = False
     """GPTQ chose the residual's codes (False: round-to-nearest was kept)."""
+    clip: bool = False
+    """The residual's group scales were clipped (``QuantConfig.clip``: searched per group and
+    kept because the held-out error fell)."""
     err_rtn: float | None = None
     err_smooth: float | None = None
     err_svdq: float | None = None
