@@ -21,7 +21,14 @@ import torch
 
 from ..formats import QuantizedWeight, get_format
 from ..formats.int4 import pack_int4
-from ..formats.nvfp4 import E2M1_MAX, e2m1_decode, e2m1_encode, pack_nvfp4, to_e4m3
+from ..formats.nvfp4 import (
+    E2M1_MAX,
+    e2m1_decode,
+    e2m1_encode,
+    nvfp4_tensor_scale,
+    pack_nvfp4,
+    to_e4m3,
+)
 
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0, 0.975, ..., 0.5
 
@@ -90,8 +97,7 @@ def clip_factors(
 
 
 def _tensor_scale(w: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
-    from ..formats.nvfp4 import nvfp4_tensor_scale
-
+    """NVFP4: the given shared tensor scale as float32 [], else ``w``'s own."""
     if tensor_scale is None:
         return nvfp4_tensor_scale(w)
     return tensor_scale.to(dtype=torch.float32, device=w.device).reshape(())
