@@ -105,7 +105,7 @@ class CalibCache:
         return self.root / f"gen-{gen:04d}" / f"dyn-{i:06d}.pt"
 
     def _write(self, path: Path, value: Any) -> None:
-        from .stream_state import file_sha256
+        from .state import file_sha256
 
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -114,7 +114,7 @@ class CalibCache:
 
     def _verify(self, path: Path) -> None:
         """ValueError naming ``path`` unless its bytes match the SHA-256 written beside it."""
-        from .stream_state import file_sha256
+        from .state import file_sha256
 
         digest = _digest_path(path)
         try:

@@ -21,14 +21,8 @@ import torch
 
 from ..formats import QuantizedWeight, get_format
 from ..formats.int4 import pack_int4
-from ..formats.nvfp4 import (
-    E2M1_MAX,
-    e2m1_decode,
-    e2m1_encode,
-    nvfp4_tensor_scale,
-    pack_nvfp4,
-    to_e4m3,
-)
+from ..formats.nvfp4 import E2M1_MAX, nvfp4_tensor_scale, pack_nvfp4, to_e4m3
+from .gptq import round_with_divisors
 
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0, 0.975, ..., 0.5
 
@@ -40,18 +34,6 @@ def _divisors(amax: torch.Tensor, fmt: str, dtype: torch.dtype, s_t: torch.Tenso
         return scales, scales.float()
     scales = to_e4m3(amax / E2M1_MAX / s_t)
     return scales, scales.float() * s_t
-
-
-def _round(groups: torch.Tensor, div: torch.Tensor, fmt: str):
-    """(codes, dequantized values) of ``groups`` [N, K/G, G] for divisors ``div`` [N, K/G]."""
-    d = div.unsqueeze(-1)
-    if fmt == "int4":
-        safe = torch.where(d == 0, torch.ones_like(d), d)
-        codes = torch.round(groups / safe).clamp_(-8, 7)
-        return codes.to(torch.int8), codes * d
-    safe = torch.where(d > 0, d, torch.ones_like(d))
-    codes = e2m1_encode(torch.where(d > 0, groups / safe, groups * 0))
-    return codes, e2m1_decode(codes) * d
 
 
 def _groups(w: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -88,7 +70,7 @@ def clip_factors(
     factor = torch.ones_like(amax)
     for c in sorted(grid, reverse=True):
         _, div = _divisors(amax * c, fmt, dtype, s_t)
-        _, deq = _round(groups, div, fmt)
+        _, deq = round_with_divisors(groups, div.unsqueeze(-1), fmt)
         err = ((groups - deq).square_() * dg).sum(dim=-1)
         better = err < best
         best = torch.where(better, err, best)
@@ -119,7 +101,7 @@ def quantize_clipped(
     s_t = _tensor_scale(w, tensor_scale) if fmt == "nvfp4" else None
     amax = groups.abs().amax(dim=-1) * factors.float()
     scales, div = _divisors(amax, fmt, dtype, s_t)
-    codes, _ = _round(groups, div, fmt)
+    codes, _ = round_with_divisors(groups, div.unsqueeze(-1), fmt)
     codes = codes.reshape(w.shape)
     packed = pack_int4(codes) if fmt == "int4" else pack_nvfp4(codes)
     return QuantizedWeight(packed, scales.t().contiguous(), s_t, fmt)

@@ -112,18 +112,20 @@ def _divisors(qw: QuantizedWeight) -> torch.Tensor:
     return scales
 
 
-def _round_column(col: torch.Tensor, div: torch.Tensor, fmt: str):
-    """Codes and dequantized values of one column ``col`` [N] for divisors ``div`` [N].
+def round_with_divisors(values: torch.Tensor, div: torch.Tensor, fmt: str):
+    """Codes and dequantized values of ``values`` for divisors ``div`` (the scale times any tensor
+    scale; broadcast against ``values``): a GPTQ column [N] with [N], or groups [N, K/G, G] with
+    [N, K/G, 1].
 
     Same rounding as the formats (INT4: round half even, clamp to [-8, 7], zero scale -> 0;
     NVFP4: E2M1 round to nearest even with saturation, zero divisor -> signed zero).
     """
     if fmt == "int4":
         safe = torch.where(div == 0, torch.ones_like(div), div)
-        codes = torch.round(col / safe).clamp_(-8, 7)
+        codes = torch.round(values / safe).clamp_(-8, 7)
         return codes.to(torch.int8), codes * div
     safe = torch.where(div > 0, div, torch.ones_like(div))
-    scaled = torch.where(div > 0, col / safe, col * 0)
+    scaled = torch.where(div > 0, values / safe, values * 0)
     codes = e2m1_encode(scaled)
     return codes, e2m1_decode(codes) * div
 
@@ -216,7 +218,7 @@ def gptq_quantize(
         for j in range(end - start):
             col = start + j
             div = div_groups[:, col // spec.group_size]
-            c, deq = _round_column(wb[:, j], div, spec.name)
+            c, deq = round_with_divisors(wb[:, j], div, spec.name)
             codes[:, col] = c
             err = (wb[:, j] - deq) / hb[j, j]
             wb[:, j:] -= err.unsqueeze(1) * hb[j, j:].unsqueeze(0)

@@ -260,8 +260,9 @@ def _quantize_residuals(problem, judge, result: SearchResult, splits, config, al
         return rtn, {}
     found: dict[str, list[QuantizedWeight]] = {}
     rounding = rtn
+    xs = problem.x / result.smooth  # the smoothed fitting tokens [T, K]
     if config.clip:
-        d = (problem.x / result.smooth).square().mean(dim=0)  # [K] what the output feels
+        d = xs.square().mean(dim=0)  # [K] what the output feels of each channel
         rounding = [
             quantize_clipped(p, clip_factors(p, d, config.format, config.dtype, shared),
                              config.format, config.dtype, shared)
@@ -271,9 +272,7 @@ def _quantize_residuals(problem, judge, result: SearchResult, splits, config, al
     if config.gptq:
         # one factor for every member; the Hessian is handed over as a call's result (no name
         # holds it), so inverse_factor frees it before its last two float64 [K, K] steps
-        hinv = inverse_factor(
-            fitted_hessian(problem.x / result.smooth, config.gptq_shrink)[0], config.gptq_damp
-        )
+        hinv = inverse_factor(fitted_hessian(xs, config.gptq_shrink)[0], config.gptq_damp)
         args = (config.format, config.dtype, config.gptq_damp, config.gptq_block, shared)
         found["gptq"] = [
             gptq_quantize(p, None, *args, hinv=hinv, scales=r) for p, r in zip(parts, rounding)

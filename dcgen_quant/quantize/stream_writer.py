@@ -30,7 +30,7 @@ from torch import nn
 from ..atomic import atomic_path, atomic_write_text
 from ..checkpoint import FORMAT_NAME, INDEX_NAME, check_output, is_checkpoint_dir, tensor_crc32
 from ..checkpoint_files import read_header, save_safetensors
-from .stream_state import file_sha256
+from .state import file_sha256
 
 COPY_CHUNK = 64 * 2**20
 
