@@ -396,6 +396,7 @@ def quantize_group(
         result = refine_output(
             problem, result, whitener, config.lowrank_iters, config.svd, generator, judge
         )
+        del whitener  # [K, K]: freed before GPTQ builds its own [K, K] matrices
     x_judge = x_fit if x_heldout is None else x_heldout
     modules, kept = _w4a4_modules(problem, judge, result, specs, splits, config, True, x_judge)
 
