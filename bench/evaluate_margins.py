@@ -6,7 +6,7 @@ For each family, on CPU in about a minute: a tiny model saved as a diffusers pip
 encoders and autoencoder, :mod:`dcgen_quant.models.tiny_pipeline`); calibration inputs captured
 by running that pipeline on two prompts that are not evaluated; an SVDQuant INT4 checkpoint
 (``QuantConfig(format="int4")`` with the quick search settings of the tests) and a plain RTN
-W4A4 checkpoint (``rank=0, smooth=False, gptq=False``) from the same calibration; then
+W4A4 checkpoint (``rank=0, smooth=False, gptq=False, clip=False``) from the same calibration; then
 ``evaluate`` of both against the 16-bit pipeline, one run per seed, two prompts each. Prints
 per seed the set PSNR of both and the margin. The tests (tests/evaluate) use the same builders
 at seed 0.
@@ -78,8 +78,8 @@ def build(family: str, root: str | Path) -> dict[str, Path]:
     pipe = tiny_pipeline(family, torch.bfloat16)
     calib = pipeline_calibration(pipe, family)
     out = {"pipeline": root / "pipeline"}
-    configs = {"svdquant": QuantConfig(format="int4", **QUICK),
-               "rtn": QuantConfig(format="int4", rank=0, smooth=False, gptq=False)}  # fmt: skip
+    rtn = QuantConfig(format="int4", rank=0, smooth=False, gptq=False, clip=False)
+    configs = {"svdquant": QuantConfig(format="int4", **QUICK), "rtn": rtn}
     for name, config in configs.items():
         model = copy.deepcopy(pipe.transformer)
         report = quantize_model(model, calib, config, progress=False)

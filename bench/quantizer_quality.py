@@ -10,16 +10,17 @@ through the quantized model, against the original layer. INT4 and NVFP4.
 
 Variants (QuantConfig fields; docs/QUANTIZE.md):
 
-- ``baseline``: ``holdout=0, lowrank="svd", gptq=False``, the quantizer before held-out scoring
-  (DeepCompressor's search: every choice judged on the calibration tokens);
+- ``baseline``: ``holdout=0, lowrank="svd", gptq=False, clip=False``, the quantizer before
+  held-out scoring (DeepCompressor's search: every choice judged on the calibration tokens);
 - ``baseline+gptq``: the same with GPTQ as it was (unshrunk Hessian, kept where the error on the
   calibration tokens falls);
-- ``heldout``: held-out scoring, SVD branch, no GPTQ;
+- ``heldout``: held-out scoring, SVD branch, no GPTQ (none of these variants clips scales);
 - ``gptq``: held-out scoring + GPTQ with the shrunk Hessian, kept where held-out error falls;
 - ``output``: held-out scoring + output-aware low-rank steps, no GPTQ;
-- ``default``: ``QuantConfig()``: held-out scoring, output-aware low-rank, GPTQ;
-- ``clip``: the default plus clipped group scales (``clip=True``, ``--clip-search``), kept where
-  the held-out error falls;
+- ``no-clip``: held-out scoring, output-aware low-rank, GPTQ (the default until 2026-12-03:
+  ``clip=False``, ``--no-clip-search``);
+- ``default``: ``QuantConfig()``: the same plus clipped group scales (``--clip-search``), kept
+  where the held-out error falls;
 - ``rank-alloc`` (tiny FLUX only): the default with per-layer ranks (multiples of 16) chosen by
   held-out error per byte under the uniform rank-32 budget.
 
@@ -58,17 +59,18 @@ NAME = "quantizer_quality"
 SIZES = ((1536, 4096), (3072, 12288))  # (in_features K, out_features N)
 QUICK_SIZES = ((256, 512),)
 VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": {"holdout": 0.0, "lowrank": "svd", "gptq": False},
-    "baseline+gptq": {"holdout": 0.0, "lowrank": "svd", "gptq": True, "gptq_shrink": 0.0},
-    "heldout": {"lowrank": "svd", "gptq": False},
-    "gptq": {"lowrank": "svd", "gptq": True},
-    "output": {"lowrank": "auto", "gptq": False},
+    "baseline": {"holdout": 0.0, "lowrank": "svd", "gptq": False, "clip": False},
+    "baseline+gptq": {"holdout": 0.0, "lowrank": "svd", "gptq": True, "gptq_shrink": 0.0,
+                      "clip": False},
+    "heldout": {"lowrank": "svd", "gptq": False, "clip": False},
+    "gptq": {"lowrank": "svd", "gptq": True, "clip": False},
+    "output": {"lowrank": "auto", "gptq": False, "clip": False},
+    "no-clip": {"clip": False},
     "default": {},
-    "clip": {"clip": True},
     "rank-alloc": {"rank_alloc": True},
-}
-LAYER_VARIANTS = ("baseline", "baseline+gptq", "heldout", "gptq", "output", "default", "clip")
-MODEL_VARIANTS = ("baseline", "baseline+gptq", "heldout", "gptq", "output", "default", "clip",
+}  # fmt: skip
+LAYER_VARIANTS = ("baseline", "baseline+gptq", "heldout", "gptq", "output", "no-clip", "default")
+MODEL_VARIANTS = ("baseline", "baseline+gptq", "heldout", "gptq", "output", "no-clip", "default",
                   "rank-alloc")  # fmt: skip
 TIMED = ("baseline", "default")  # repeated; the others run once
 

@@ -27,6 +27,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (xdist workers have one already; a plain ``pytest`` run has
+    the machine's count): tiny models' many small ops run faster, and the bits of a CPU matmul
+    may depend on the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def seed():
     """Seeds torch's global generator; returns a fresh torch.Generator with the same seed."""
     torch.manual_seed(1234)

@@ -14,6 +14,10 @@ from dcgen_quant.quantize.config import QuantConfig
 # A quantizer configuration that runs in seconds on tiny models (a 2-point smoothing grid, one
 # low-rank refinement, few tokens): for tests of plumbing, not of quantization quality.
 FAST_QUANT = {"smooth_grid": 2, "lowrank_iters": 1, "calib_tokens": 512, "search_tokens": 256}
+# The same for the ``quantize`` command's tests of files, flags and errors: rank 4, one
+# calibration sample of one step, a 2-point grid, one refinement, one thread.
+CHEAP_CLI = ["--rank", "4", "--calib-samples", "1", "--steps", "1", "--threads", "1",
+             "--smooth-grid", "2", "--lowrank-iters", "1"]  # fmt: skip
 
 
 def fill_from_linear(layer, linear: nn.Linear, rank: int, g: torch.Generator) -> None:

@@ -16,9 +16,8 @@ from dcgen_quant.models.tiny import tiny_flux, tiny_sana
 from dcgen_quant.models.tiny_pipeline import tiny_flux_pipeline
 from dcgen_quant.nn import SVDQLinear
 
+from .quantized_models import CHEAP_CLI as CHEAP
 from .quantized_models import tiny_flux_inputs
-
-CHEAP = ["--rank", "4", "--calib-samples", "1", "--steps", "1", "--threads", "1"]
 
 
 def run_json(capsys, *argv):

@@ -22,8 +22,8 @@ from dcgen_quant.cli import main
 from dcgen_quant.models.tiny import tiny_flux, tiny_sana
 
 from .cli_errors import one_line_error
+from .quantized_models import CHEAP_CLI as CHEAP
 
-CHEAP = ["--rank", "4", "--calib-samples", "1", "--steps", "1", "--threads", "1"]
 SPILL = ["--calib-cache", "disk"]
 ROOT = Path(__file__).resolve().parents[1]
 

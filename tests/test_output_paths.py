@@ -14,9 +14,8 @@ from dcgen_quant.checkpoint import check_output, save_quantized
 from dcgen_quant.cli import main
 from dcgen_quant.models.tiny import tiny_flux
 
+from .quantized_models import CHEAP_CLI as CHEAP
 from .quantized_models import randomly_quantized_tiny_flux
-
-CHEAP = ["--rank", "4", "--calib-samples", "1", "--steps", "1", "--threads", "1"]
 
 
 def _quantize(out, *extra):

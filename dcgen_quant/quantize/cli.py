@@ -60,10 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default; --no-gptq: round-to-nearest everywhere)",
     )  # fmt: skip
     parser.add_argument(
-        "--clip-search", action="store_true",
+        "--clip-search", action=argparse.BooleanOptionalAction, default=True,
         help="also try clipped group scales for the 4-bit residual (per group, the one that "
         "minimizes its output-weighted rounding error), kept per layer where the held-out error "
-        "falls",
+        "falls (default; --no-clip-search: the scales of round-to-nearest only)",
     )  # fmt: skip
     parser.add_argument(
         "--lowrank", choices=("auto", "svd", "output"), default="auto",

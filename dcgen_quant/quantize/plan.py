@@ -9,7 +9,7 @@ size of one calibration sample's block inputs:
   working set of quantizing its largest group (float32 copies of the weight, the tokens and the
   outputs: :data:`WORK_WEIGHT`, :data:`WORK_TOKENS`, :data:`WORK_OUTPUTS` copies of each,
   measured on FLUX-width groups; plus [K, K] copies for GPTQ and the output-aware low-rank
-  branch, :data:`WORK_SQUARE_GPTQ` and :data:`WORK_SQUARE_OUTPUT_LOWRANK`);
+  branch, the larger of :data:`WORK_SQUARE_GPTQ` and :data:`WORK_SQUARE_OUTPUT_LOWRANK`);
 * a batch of samples on the device, and the activations of one block forward
   (:data:`ACTIVATION_FACTOR` x one sample's inputs);
 * the calibration cache: what fits the host budget stays in memory, the rest goes to disk.
@@ -36,8 +36,8 @@ WORK_WEIGHT_W4A16 = 4  # a W4A16 layer is rounded once: its weight, codes, dequa
 # [K, K] float32 copies: GPTQ's shrinkage estimate, Hessian and inverse factor (peak RSS over the
 # step, `python -m dcgen_quant.bench.gptq_memory --k 2048 4096`: 4.4-4.7 copies at K = 4096, 6.1
 # at K = 2048 where glibc keeps freed blocks; 8.8 before each matrix was freed as soon as the next
-# existed), and the output-aware low-rank branch's activation whitening (2.8-3.4 copies); with
-# K = 12288 (FLUX.1's fc2) one copy is 0.6 GB
+# existed), or the output-aware low-rank branch's activation whitening (2.8-3.4 copies), freed
+# before GPTQ begins; with K = 12288 (FLUX.1's fc2) one copy is 0.6 GB
 WORK_SQUARE_GPTQ = 5
 WORK_SQUARE_OUTPUT_LOWRANK = 4
 ACTIVATION_FACTOR = 8  # one block forward's live activations, in units of one sample's inputs
@@ -193,9 +193,11 @@ def make_plan(
             tokens = config.calib_tokens
             r += tokens * (k * dsize + 4)
             copies = WORK_WEIGHT if group.kind == "w4a4" else WORK_WEIGHT_W4A16
+            # GPTQ's [K, K] matrices and the output-aware branch's whitener never coexist (the
+            # whitener is freed before GPTQ starts): the larger of the two counts
             square = WORK_SQUARE_GPTQ if config.gptq else 0
             if group.kind == "w4a4" and config.rank and config.lowrank != "svd":
-                square += WORK_SQUARE_OUTPUT_LOWRANK
+                square = max(square, WORK_SQUARE_OUTPUT_LOWRANK)
             w = max(w, 4 * (copies * n_total * k + WORK_TOKENS * tokens * k
                             + WORK_OUTPUTS * tokens * n_total + square * k * k))  # fmt: skip
             for name, (n, kk) in zip(group.names, shapes):

@@ -119,7 +119,7 @@ def _tiny_flux_checkpoint(path, seed_model=0):
 
     model = tiny_flux(seed=seed_model, dtype=torch.bfloat16)
     calib = synthetic_calibration(model, samples=1, steps=1, seed=0)
-    config = QuantConfig(format="int4", rank=0, smooth=False, gptq=False, **FAST_QUANT)
+    config = QuantConfig(format="int4", rank=0, smooth=False, gptq=False, clip=False, **FAST_QUANT)
     report = quantize_model(model, calib, config, progress=False)
     return save_quantized(model, path, config, report)
 

@@ -30,7 +30,7 @@ def test_svdquant_beats_naive_and_smoothing_on_outlier_inputs(fmt):
     base = {"format": fmt, "calib_tokens": 1024}
     report = QuantReport()
     svdq = quantize_linear(lin, calib, QuantConfig(rank=32, **base), report=report)
-    plain = {"rank": 0, "smooth": False, "gptq": False}
+    plain = {"rank": 0, "smooth": False, "gptq": False, "clip": False}
     naive = quantize_linear(lin, calib, QuantConfig(**plain, **base), baselines=False)
     smooth = quantize_linear(lin, calib, QuantConfig(rank=0, **base), baselines=False)
     e_svdq, e_naive, e_smooth = (rel_error(m, lin, held_out) for m in (svdq, naive, smooth))
@@ -71,7 +71,7 @@ def test_rank0_without_smoothing_is_plain_round_to_nearest():
     g = torch.Generator().manual_seed(2)
     lin = make_linear(torch.randn(40, 64, generator=g), g)
     x = torch.randn(50, 64, generator=g)
-    m = quantize_linear(lin, x, QuantConfig(rank=0, smooth=False, gptq=False))
+    m = quantize_linear(lin, x, QuantConfig(rank=0, smooth=False, gptq=False, clip=False))
     assert m.rank == 0 and torch.equal(m.smooth_factor, torch.ones(64, dtype=torch.bfloat16))
     expected = quantize_weight(lin.weight.detach(), "int4", torch.bfloat16)
     assert torch.equal(m.qweight, expected.qweight) and torch.equal(m.wscales, expected.wscales)

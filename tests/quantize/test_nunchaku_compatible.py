@@ -56,15 +56,6 @@ def test_code_minus_8_becomes_minus_7():
     assert torch.equal(out, codes.clamp(min=-7))
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread (a tiny model; the bits of a CPU matmul may depend on the count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_resumed_runs_keep_the_int4_adaln_layers(tmp_path, monkeypatch, one_thread):
     """NVFP4 with nunchaku_compatible: a resumed run rebuilds the finished blocks' adaLN layers in

@@ -14,13 +14,7 @@ from dcgen_quant.quantize.streaming import StreamSource
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk", "a bowl of ramen"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread (tiny models; and the bits of a CPU matmul may depend on the count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_equal(a, b, where="record"):

@@ -16,8 +16,6 @@ import json
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 import dcgen_quant.quantize.streaming as streaming_module
 from dcgen_quant.bench.quantize_scale import write_random_flux
@@ -30,36 +28,15 @@ from dcgen_quant.quantize.calibration import capture_block_inputs
 from dcgen_quant.quantize.streaming import StreamOptions, StreamSource, quantize_streaming
 from dcgen_quant.quantize.weights import materialize, module_bytes, release
 
+from .helpers import peak_live_bytes
+
 # the smallest quantizer settings: plumbing, not quality, is tested here
-MINIMAL = {"rank": 4, "smooth_grid": 1, "lowrank_iters": 0, "calib_tokens": 32, "search_tokens": 32}
+MINIMAL = {"rank": 4, "smooth_grid": 1, "lowrank_iters": 0, "calib_tokens": 32, "search_tokens": 32,
+           "clip": False}  # fmt: skip
 SMALL_FLUX = {"num_attention_heads": 2, "joint_attention_dim": 128, "pooled_projection_dim": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread (tiny models; and the bits of a CPU matmul may depend on the count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def peak_live_bytes(fn) -> int:
-    """Peak of (bytes allocated - bytes freed) on the CPU while ``fn()`` runs (torch.profiler's
-    raw allocation and free records, in time order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # the raw records: turning ~10^6 of them into FunctionEvents would take a minute
-    records = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-    )
-    live = peak = 0
-    for _, nbytes in records:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_checkpoint(a_path, b_path):
