@@ -14,6 +14,10 @@ from dcgen_quant.quantize.config import QuantConfig
 # A quantizer configuration that runs in seconds on tiny models (a 2-point smoothing grid, one
 # low-rank refinement, few tokens): for tests of plumbing, not of quantization quality.
 FAST_QUANT = {"smooth_grid": 2, "lowrank_iters": 1, "calib_tokens": 512, "search_tokens": 256}
+# Smaller still, for tests of plumbing and memory on many blocks: rank 4, one (alpha, beta) point,
+# no refinement, 32 tokens, round-to-nearest's scales (GPTQ stays as configured).
+MINIMAL_QUANT = {"rank": 4, "smooth_grid": 1, "lowrank_iters": 0, "calib_tokens": 32,
+                 "search_tokens": 32, "clip": False}  # fmt: skip
 # The same for the ``quantize`` command's tests of files, flags and errors: rank 4, one
 # calibration sample of one step, a 2-point grid, one refinement, one thread.
 CHEAP_CLI = ["--rank", "4", "--calib-samples", "1", "--steps", "1", "--threads", "1",

@@ -21,10 +21,8 @@ from dcgen_quant.quantize import quantize_model
 from dcgen_quant.quantize.config import QuantConfig
 from dcgen_quant.quantize.layer import QUANTIZED_TYPES
 
+from ..quantized_models import MINIMAL_QUANT
 from .helpers import peak_live_bytes
-
-MINIMAL_QUANT = {"rank": 4, "smooth_grid": 1, "lowrank_iters": 0, "calib_tokens": 32,
-                 "search_tokens": 32, "gptq": False, "clip": False}  # fmt: skip
 
 
 def quantized_bytes(model) -> int:
@@ -53,7 +51,7 @@ def test_working_memory_does_not_grow_with_depth(one_thread):
     # the smallest quantizer settings: the working memory under test is the calibration's, not
     # the layer quantizer's, and every small op of a larger search (GPTQ's per-column loop
     # above all) is one more record for the profiler
-    config = QuantConfig(**MINIMAL_QUANT)
+    config = QuantConfig(**MINIMAL_QUANT, gptq=False)
     shallow, block_input = working_memory(1, config)
     deep, _ = working_memory(4, config)
     mib = {"1+1 blocks": shallow / 2**20, "4+4 blocks": deep / 2**20}

@@ -16,7 +16,8 @@ from dcgen_quant.nn import W4A16Linear
 from dcgen_quant.quantize import QuantConfig, quantize_linear, quantize_model
 from dcgen_quant.quantize.streaming import StreamOptions, StreamSource, quantize_streaming
 
-from .test_streaming import MINIMAL, assert_same_checkpoint
+from ..quantized_models import MINIMAL_QUANT
+from .test_streaming import assert_same_checkpoint
 
 
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
@@ -61,7 +62,7 @@ def test_resumed_runs_keep_the_int4_adaln_layers(tmp_path, monkeypatch, one_thre
     """NVFP4 with nunchaku_compatible: a resumed run rebuilds the finished blocks' adaLN layers in
     INT4 (block.module_from_entry), streamed (the CLI's path) and in memory (quantize_model with a
     state_dir), and both end bit-identical to an uninterrupted in-memory run."""
-    config = QuantConfig(**MINIMAL, format="nvfp4", nunchaku_compatible=True)
+    config = QuantConfig(**MINIMAL_QUANT, format="nvfp4", nunchaku_compatible=True)
     model = tiny_flux(dtype=torch.bfloat16)
     calib = synthetic_calibration(model, samples=2, steps=1, latent_size=4, text_tokens=4)
     quantize_model(model, calib, config, progress=False)

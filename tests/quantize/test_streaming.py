@@ -28,11 +28,9 @@ from dcgen_quant.quantize.calibration import capture_block_inputs
 from dcgen_quant.quantize.streaming import StreamOptions, StreamSource, quantize_streaming
 from dcgen_quant.quantize.weights import materialize, module_bytes, release
 
+from ..quantized_models import MINIMAL_QUANT  # plumbing, not quality, is tested here
 from .helpers import peak_live_bytes
 
-# the smallest quantizer settings: plumbing, not quality, is tested here
-MINIMAL = {"rank": 4, "smooth_grid": 1, "lowrank_iters": 0, "calib_tokens": 32, "search_tokens": 32,
-           "clip": False}  # fmt: skip
 SMALL_FLUX = {"num_attention_heads": 2, "joint_attention_dim": 128, "pooled_projection_dim": 64}
 
 
@@ -87,7 +85,7 @@ def one_block_peak(source, calib, config) -> int:
 
 @pytest.mark.slow
 def test_streaming_is_the_in_memory_checkpoint_in_bounded_memory(tmp_path):
-    config = QuantConfig(**MINIMAL, dtype=torch.float32)
+    config = QuantConfig(**MINIMAL_QUANT, dtype=torch.float32)
     # 8 + 16 blocks, random weights written one shard per block (sharded reading is covered)
     write_random_flux(tmp_path / "flux", {**TINY_FLUX_CONFIG, **SMALL_FLUX, "num_layers": 8,
                                           "num_single_layers": 16})  # fmt: skip
@@ -136,7 +134,7 @@ def _interrupt_at(monkeypatch, block_index: int):
 
 @pytest.mark.slow
 def test_spilled_calibration_and_resume_are_bit_identical(tmp_path, monkeypatch):
-    config = QuantConfig(**MINIMAL)  # bf16, as the CLI
+    config = QuantConfig(**MINIMAL_QUANT)  # bf16, as the CLI
     model = tiny_flux(dtype=torch.bfloat16, **SMALL_FLUX)
     model.save_pretrained(tmp_path / "flux")
     calib = synthetic_calibration(model, samples=3, steps=1, latent_size=4, text_tokens=4)
@@ -191,7 +189,7 @@ def test_spilled_calibration_and_resume_are_bit_identical(tmp_path, monkeypatch)
 
 
 def test_tiny_sana_from_memory_matches_quantize_model(tmp_path):
-    config = QuantConfig(**MINIMAL, format="nvfp4")
+    config = QuantConfig(**MINIMAL_QUANT, format="nvfp4")
     model = tiny_sana(dtype=torch.bfloat16)
     calib = synthetic_calibration(model, samples=2, steps=1, latent_size=4, text_tokens=4)
     source = StreamSource.from_module(model)  # the built-in models stream from memory
@@ -202,7 +200,7 @@ def test_tiny_sana_from_memory_matches_quantize_model(tmp_path):
 
 
 def test_plan_is_printed_and_refuses_what_cannot_fit(tmp_path):
-    config = QuantConfig(**MINIMAL)
+    config = QuantConfig(**MINIMAL_QUANT)
     model = tiny_flux(dtype=torch.bfloat16, **SMALL_FLUX)
     calib = synthetic_calibration(model, samples=2, steps=1, latent_size=4, text_tokens=4)
     source = StreamSource.from_module(model)
